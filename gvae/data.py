@@ -1,0 +1,197 @@
+"""MNIST on the training device: offline preparation, the seeded split, binarization, batches.
+
+The whole split lives on the device as uint8 and batches are gathered there from a per-epoch
+shuffle, so the training loop never waits on a DataLoader or a host-to-device copy.
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+
+from gvae.config import Binarization, DataConfig
+from gvae.errors import DataError
+
+log = logging.getLogger(__name__)
+
+NUM_PIXELS = 784
+# IDX files: magic number (big endian) and shape, per torchvision's MNIST file names.
+IDX_FILES = {
+    "train-images-idx3-ubyte": (2051, (60_000, 28, 28)),
+    "train-labels-idx1-ubyte": (2049, (60_000,)),
+    "t10k-images-idx3-ubyte": (2051, (10_000, 28, 28)),
+    "t10k-labels-idx1-ubyte": (2049, (10_000,)),
+}
+
+
+def check_idx_file(path: Path) -> None:
+    """Raise DataError unless `path` is a complete IDX file with MNIST's magic number and shape."""
+    magic, shape = IDX_FILES[path.name]
+    header_size = 4 * (1 + len(shape))
+    with open(path, "rb") as f:
+        header = f.read(header_size)
+    if len(header) < header_size:
+        raise DataError(f"{path}: truncated IDX header ({len(header)} of {header_size} bytes)")
+    found_magic = int.from_bytes(header[:4], "big")
+    if found_magic != magic:
+        raise DataError(f"{path}: wrong magic number {found_magic}, expected {magic}")
+    found_shape = tuple(int.from_bytes(header[4 * i : 4 * i + 4], "big") for i in range(1, len(shape) + 1))
+    if found_shape != shape:
+        raise DataError(f"{path}: shape {found_shape} in the header, expected {shape}")
+    expected = header_size + int(torch.tensor(shape).prod())
+    size = path.stat().st_size
+    if size != expected:
+        raise DataError(f"{path}: {size} bytes, expected {expected} (truncated or padded file)")
+
+
+def _gunzip(src: Path, dst: Path) -> None:
+    """Decompress src to dst through a temporary file, so a failure never leaves a partial dst."""
+    tmp = dst.with_name(dst.name + ".partial")
+    try:
+        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{src}: cannot decompress ({e}); the gzip file is corrupt or truncated") from e
+    os.replace(tmp, dst)
+
+
+def prepare_mnist(root: str | Path, download: bool) -> Path:
+    """Return a root that torchvision.datasets.MNIST can read without downloading.
+
+    torchvision accepts only its own downloads' checksums, so `.gz` files are decompressed next
+    to themselves first (or into ~/.cache/gvae when that folder is read-only).
+    """
+    root = Path(root).expanduser()
+    raw = root / "MNIST" / "raw"
+    missing = [n for n in IDX_FILES if not (raw / n).exists() and not (raw / f"{n}.gz").exists()]
+    if missing:
+        if download:
+            torchvision.datasets.MNIST(str(root), train=True, download=True)
+            torchvision.datasets.MNIST(str(root), train=False, download=True)
+        else:
+            raise DataError(
+                f"MNIST not found: {', '.join(missing)} (or .gz) missing in {raw}. Put the four "
+                "IDX files (gzipped or not) there, point data.root (or $GVAE_DATA_DIR) at the folder "
+                "that holds MNIST/raw/, or set data.download=true."
+            )
+    target = root
+    if any(not (raw / n).exists() for n in IDX_FILES) and not os.access(raw, os.W_OK):
+        target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gvae"
+        log.info("%s is read-only: decompressing MNIST into %s", raw, target)
+    target_raw = target / "MNIST" / "raw"
+    target_raw.mkdir(parents=True, exist_ok=True)
+    for name in IDX_FILES:
+        dst = target_raw / name
+        if not dst.exists():
+            src = raw / name
+            if src.exists():
+                shutil.copyfile(src, dst)
+            else:
+                _gunzip(raw / f"{name}.gz", dst)
+        check_idx_file(dst)
+    return target
+
+
+@dataclass
+class Splits:
+    """Images as uint8 rows of 784 pixels on the device, already binarized per the config."""
+
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    binarization: Binarization
+
+    def targets(self, x: torch.Tensor) -> torch.Tensor:
+        """Float Bernoulli targets for a batch of training images (dynamic: resampled here)."""
+        if self.binarization is Binarization.none:
+            return x.float() / 255.0
+        if self.binarization is Binarization.dynamic:
+            return (torch.rand(x.shape, device=x.device) * 255.0 < x).float()
+        return x.float()
+
+    def eval_targets(self, x: torch.Tensor) -> torch.Tensor:
+        """Float targets for validation and test images, which are never resampled."""
+        return x.float() / 255.0 if self.binarization is Binarization.none else x.float()
+
+
+def _binarize(images: torch.Tensor, mode: Binarization, seed: int) -> torch.Tensor:
+    """uint8 grey levels to uint8 {0, 1}; grey levels are kept for `none` (and `dynamic`)."""
+    if mode is Binarization.threshold:
+        return (images > 127).to(torch.uint8)  # pixel / 255 > 0.5
+    if mode is Binarization.static:
+        g = torch.Generator().manual_seed(seed)
+        return torch.bernoulli(images.float() / 255.0, generator=g).to(torch.uint8)
+    return images
+
+
+def load_splits(cfg: DataConfig, device: torch.device) -> Splits:
+    """Load MNIST, split 60k into train/val with a seeded permutation, binarize, move to device."""
+    root = prepare_mnist(cfg.root, cfg.download)
+    train_set = torchvision.datasets.MNIST(str(root), train=True, download=False)
+    test_set = torchvision.datasets.MNIST(str(root), train=False, download=False)
+    full, test = train_set.data.reshape(-1, NUM_PIXELS), test_set.data.reshape(-1, NUM_PIXELS)
+    if cfg.num_train + cfg.num_val > len(full):
+        raise DataError(
+            f"data.num_train + data.num_val = {cfg.num_train + cfg.num_val} exceeds the {len(full)} "
+            "MNIST training images"
+        )
+    perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.split_seed))
+    train = full[perm[: cfg.num_train]]
+    val = full[perm[cfg.num_train : cfg.num_train + cfg.num_val]]
+    mode = Binarization(cfg.binarization)
+    # Evaluation sets are binarized once even with dynamic training binarization: a test set is fixed.
+    eval_mode = Binarization.static if mode is Binarization.dynamic else mode
+    seed = cfg.binarize_seed
+    return Splits(
+        train=_binarize(train, mode, seed).to(device),
+        val=_binarize(val, eval_mode, seed + 1).to(device),
+        test=_binarize(test, eval_mode, seed + 2).to(device),
+        binarization=mode,
+    )
+
+
+class BatchSampler:
+    """Draws training batches on the device, one reshuffle per epoch (the last partial batch is dropped)."""
+
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int):
+        if batch_size > len(data):
+            raise ValueError(f"train.batch_size={batch_size} exceeds the {len(data)} training images")
+        self.data, self.batch_size = data, batch_size
+        self.batches_per_epoch = len(data) // batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self._new_epoch()
+
+    def _new_epoch(self) -> None:
+        self.epoch_start_state = self.generator.get_state()
+        perm = torch.randperm(len(self.data), generator=self.generator)
+        self.perm = perm.to(self.data.device)
+        self.position = 0
+
+    def next_indices(self) -> torch.Tensor:
+        """Indices of the next batch, a device tensor."""
+        if self.position == self.batches_per_epoch:
+            self._new_epoch()
+        i = self.position * self.batch_size
+        self.position += 1
+        return self.perm[i : i + self.batch_size]
+
+    def next(self) -> torch.Tensor:
+        """The next batch of uint8 images."""
+        return self.data[self.next_indices()]
+
+    def state_dict(self) -> dict:
+        return {"epoch_start_state": self.epoch_start_state, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["epoch_start_state"])
+        self._new_epoch()
+        self.position = int(state["position"])

@@ -1,0 +1,21 @@
+"""The failures gvae reports as one clear message instead of a traceback."""
+
+
+class GvaeError(RuntimeError):
+    """Base class: the message says what went wrong and what to do."""
+
+
+class ConfigError(GvaeError):
+    """A configuration value is out of range or unsupported; the message names the key."""
+
+
+class DataError(GvaeError):
+    """The MNIST files are missing, truncated or corrupt; the message names the file."""
+
+
+class CheckpointError(GvaeError):
+    """A checkpoint does not match the run that tries to load it."""
+
+
+class NonFiniteError(GvaeError):
+    """The loss or the parameters became NaN or infinite."""

@@ -1,0 +1,149 @@
+"""Discrete latent variables: sampling, relaxation, densities and the analytic KL.
+
+A latent turns the encoder's flat output into logits of its own shape and knows everything
+about its distribution; estimators and the objective only talk to this interface.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
+    """U(0,1) in float32 whatever the autocast dtype, kept away from 0 so no log ever sees 0.
+
+    torch.rand gives multiples of 2**-24 in [0, 1); only 0 is moved (to float32's tiny), an event
+    of probability 6e-8 whose effect on any sample statistic is far below measurement.
+    """
+    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator)
+    return u.clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+class Latent:
+    """N discrete variables; subclasses fix the distribution of each."""
+
+    num_vars: int
+    num_values: int  # values each variable takes: K classes, or 2 for a binary unit
+    num_logits: int  # encoder outputs
+    code_size: int  # decoder inputs
+
+    def logits(self, flat: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, num_logits) to logits of the latent's own shape, in float32."""
+        raise NotImplementedError
+
+    def noise(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise whose sum with the logits is an argmax (or sign) sample: Gumbel or logistic."""
+        raise NotImplementedError
+
+    def relax(self, perturbed: torch.Tensor, tau: torch.Tensor | float) -> torch.Tensor:
+        """Relaxed sample from perturbed logits (logits + noise) at temperature tau."""
+        raise NotImplementedError
+
+    def harden(self, perturbed: torch.Tensor) -> torch.Tensor:
+        """Exact sample (one-hot or {0,1}) from perturbed logits: the argmax, or the sign."""
+        raise NotImplementedError
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Mean of the code under q: class probabilities, or P(z=1)."""
+        raise NotImplementedError
+
+    def log_prob(self, z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """log q(z) summed over variables: shape (B,)."""
+        raise NotImplementedError
+
+    def kl(self, logits: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:
+        """Analytic KL(q || p) summed over variables: shape (B,)."""
+        raise NotImplementedError
+
+    def one_value(self, code: torch.Tensor, var: int, value: int) -> torch.Tensor:
+        """A copy of exact codes with variable `var` set to `value` (for traversals)."""
+        raise NotImplementedError
+
+    def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Exact sample from q (no gradient)."""
+        return self.harden(logits + self.noise(logits, generator))
+
+    def flatten(self, z: torch.Tensor) -> torch.Tensor:
+        """Code to decoder input (B, code_size)."""
+        return z.reshape(z.shape[0], self.code_size)
+
+
+class Categorical(Latent):
+    """N categorical variables with K classes, one-hot codes; relaxation: Gumbel-Softmax."""
+
+    def __init__(self, num_vars: int, num_classes: int):
+        self.num_vars, self.num_values = num_vars, num_classes
+        self.num_logits = self.code_size = num_vars * num_classes
+        self.shape = (num_vars, num_classes)
+
+    def logits(self, flat):
+        return flat.float().view(-1, *self.shape)
+
+    def noise(self, logits, generator=None):
+        u = _uniform(logits.shape, logits.device, generator)
+        return -torch.log(-torch.log(u))
+
+    def relax(self, perturbed, tau):
+        return torch.softmax(perturbed / tau, dim=-1)
+
+    def harden(self, perturbed):
+        index = perturbed.argmax(dim=-1, keepdim=True)
+        return torch.zeros_like(perturbed).scatter_(-1, index, 1.0)
+
+    def probs(self, logits):
+        return torch.softmax(logits, dim=-1)
+
+    def log_prob(self, z, logits):
+        return (z * torch.log_softmax(logits, dim=-1)).sum(dim=(-2, -1))
+
+    def kl(self, logits, prior_logits):
+        log_q = torch.log_softmax(logits, dim=-1)
+        log_p = torch.log_softmax(prior_logits, dim=-1)
+        return (log_q.exp() * (log_q - log_p)).sum(dim=(-2, -1))
+
+    def one_value(self, code, var, value):
+        code = code.clone()
+        code[:, var] = F.one_hot(torch.tensor(value), self.num_values).to(code)
+        return code
+
+
+class Bernoulli(Latent):
+    """N binary variables with {0, 1} codes; relaxation: binary Concrete (logistic noise)."""
+
+    def __init__(self, num_vars: int):
+        self.num_vars, self.num_values = num_vars, 2
+        self.num_logits = self.code_size = num_vars
+        self.shape = (num_vars,)
+
+    def logits(self, flat):
+        return flat.float().view(-1, self.num_vars)
+
+    def noise(self, logits, generator=None):
+        u = _uniform(logits.shape, logits.device, generator)
+        return torch.log(u) - torch.log1p(-u)
+
+    def relax(self, perturbed, tau):
+        return torch.sigmoid(perturbed / tau)
+
+    def harden(self, perturbed):
+        return (perturbed > 0).to(perturbed.dtype)
+
+    def probs(self, logits):
+        return torch.sigmoid(logits)
+
+    def log_prob(self, z, logits):
+        return -F.binary_cross_entropy_with_logits(logits, z, reduction="none").sum(dim=-1)
+
+    def kl(self, logits, prior_logits):
+        q = torch.sigmoid(logits)
+        kl = q * (F.logsigmoid(logits) - F.logsigmoid(prior_logits)) + (1 - q) * (
+            F.logsigmoid(-logits) - F.logsigmoid(-prior_logits)
+        )
+        return kl.sum(dim=-1)
+
+    def one_value(self, code, var, value):
+        code = code.clone()
+        code[:, var] = float(value)
+        return code
+

@@ -1,0 +1,36 @@
+"""Shared fixtures: composing configs the way `gvae-train` does, and the offline MNIST copy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from gvae.config import register_configs
+
+register_configs()
+
+# A run small enough for the 2-core CI machine: few steps, small evaluation.
+TINY = [
+    "train.max_steps=40", "train.log_every=10", "train.eval_every=20", "train.ckpt_every=20",
+    "train.batch_size=50", "eval.num_samples=4", "eval.batch_size=2000", "eval.max_rows=4000",
+    "device=cpu",
+]
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The config `gvae-train <overrides>` would run with (without Hydra's runtime section)."""
+    with initialize_config_module(config_module="gvae.configs", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    """The offline MNIST copy named by $GVAE_DATA_DIR (CI sets it to ../shared/data)."""
+    root = os.environ.get("GVAE_DATA_DIR")
+    if not root or not (Path(root) / "MNIST" / "raw").is_dir():
+        pytest.skip("set GVAE_DATA_DIR to the folder holding MNIST/raw/ to run tests on real MNIST")
+    return Path(root)
