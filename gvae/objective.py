@@ -35,7 +35,9 @@ def training_loss(
 
 
 @torch.no_grad()
-def log_weights(model: VAE, x: torch.Tensor, num_samples: int, generator: torch.Generator | None) -> torch.Tensor:
+def log_weights(
+    model: VAE, x: torch.Tensor, num_samples: int, generator: torch.Generator | None
+) -> torch.Tensor:
     """log p(x, z_i) - log q(z_i | x) for num_samples exact samples z_i per image: (num_samples, B)."""
     logits = model.encode(x)
     rep = logits.expand(num_samples, *logits.shape).reshape(-1, *logits.shape[1:])

@@ -17,7 +17,9 @@ def _pixels(pixel_logits_or_images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def log_images(writer: SummaryWriter, model: VAE, x: torch.Tensor, step: int, generator: torch.Generator) -> None:
+def log_images(
+    writer: SummaryWriter, model: VAE, x: torch.Tensor, step: int, generator: torch.Generator
+) -> None:
     """Prior samples (8x8), inputs beside reconstructions, and latent traversals, as image grids.
 
     `x` holds at least 32 evaluation targets in [0, 1].

@@ -24,14 +24,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gvae.checkpoint import load_checkpoint, save_checkpoint
 from gvae.config import register_configs, resolve_device, validate
-from gvae.data import BatchSampler, load_splits
-from gvae.estimators import build_estimator
-from gvae.model import VAE
+from gvae.errors import GvaeError, NonFiniteError
 from gvae.objective import multi_sample_bound, negative_elbo
 from gvae.schedules import temperature
-from gvae.step import make_optimizer_kwargs, make_train_step, resolve_mode
+from gvae.step import build_training
 from gvae.summaries import log_config_and_hparams, log_images
-from gvae.errors import GvaeError, NonFiniteError
 
 log = logging.getLogger(__name__)
 EVAL_SEED = 1234  # evaluation noise is the same at every evaluation: comparable validation curves
@@ -67,32 +64,14 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     validate(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls
-    torch.manual_seed(cfg.seed)
-
-    splits = load_splits(cfg.data, device)
-    sampler = BatchSampler(splits.train, cfg.train.batch_size, seed=cfg.seed)
-    model = VAE(cfg.model).to(device)
-    estimator = build_estimator(cfg.estimator, model.latent).to(device)
-    params = [*model.parameters(), *estimator.parameters()]
-    optimizer = hydra.utils.instantiate(cfg.optim)(params, **make_optimizer_kwargs(device))
-    mode = resolve_mode(cfg.train.compile, device)
-    train_step = make_train_step(model, estimator, optimizer, splits, cfg.train.precision, mode)
-
     ckpt_dir = out_dir / "checkpoints"
     ckpt_path = ckpt_dir / "last.pt"
-    step, best_val = 0, float("inf")
-    if cfg.train.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, device)
-        model.load_state_dict(state["model"])
-        estimator.load_state_dict(state["estimator"])
-        optimizer.load_state_dict(state["optimizer"])
-        sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-        step, best_val = state["step"], state["best_val"]
+    state = load_checkpoint(ckpt_path, device) if cfg.train.resume and ckpt_path.exists() else None
+    run = build_training(cfg, state)
+    splits, sampler, model, estimator, optimizer = (
+        run.splits, run.sampler, run.model, run.estimator, run.optimizer)
+    step, best_val = (state["step"], state["best_val"]) if state else (0, float("inf"))
+    if state:
         log.info("resumed from %s at step %d", ckpt_path, step)
 
     def checkpoint() -> None:
@@ -118,11 +97,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         model.train()
         return val
 
-    tau_now = temperature(cfg.schedule, step)
-    tau = torch.tensor(tau_now, device=device)  # a device tensor: the compiled step never recompiles for it
+    tau, tau_now = run.tau, temperature(cfg.schedule, step)
     writer = SummaryWriter(str(out_dir))
     log.info("device %s, step mode %s, %d parameters, output %s",
-             device, mode, sum(p.numel() for p in params), out_dir)
+             device, run.mode, sum(p.numel() for p in model.parameters()), out_dir)
     running = torch.zeros(3, device=device)  # sums of [loss, recon, kl] since the last log
     since_log, last_val = 0, float("nan")
     train_seconds, steps_this_run = 0.0, 0
@@ -134,7 +112,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                 if (tau_next := temperature(cfg.schedule, step)) != tau_now:
                     tau_now = tau_next
                     tau.fill_(tau_now)  # a device write, no sync
-                running += train_step(sampler.next(), tau)
+                running += run.step(sampler.next(), tau)
                 step += 1
                 since_log += 1
 
@@ -184,7 +162,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             "steps_per_sec": steps_this_run / train_seconds if train_seconds else float("nan"),
             "wall_seconds": time.perf_counter() - t_start, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "step_mode": mode,
+            "step_mode": run.mode,
         }
         log_config_and_hparams(writer, cfg, {
             "val_nelbo_best": best_val, "test_nelbo": test_nelbo, "test_bound": test_bound})

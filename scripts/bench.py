@@ -1,0 +1,142 @@
+"""Training speed of gvae's step in each mode, side by side with a loop written the common way.
+
+    python scripts/bench.py --device cpu --batch 100 --steps 300
+    python scripts/bench.py --device cuda --full-run
+
+Everything runs in this one process, on the same model (the default 784-512-256-(20x10)
+VAE, Gumbel-Softmax, analytic KL, Adam), so the ratios compare loop mechanics only. Prints
+one JSON line per mode; `baseline` is a torchvision DataLoader with ToTensor, a per-batch
+`.to(device)` and `loss.item()` every step, as the common public ports do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_module
+from torch.utils.data import DataLoader
+from torchvision import datasets, transforms
+
+from gvae.config import register_configs
+from gvae.data import prepare_mnist
+from gvae.estimators import build_estimator
+from gvae.model import VAE
+from gvae.objective import training_loss
+from gvae.step import MODES, build_training
+
+
+def default_config(device: str, batch: int, overrides: list[str]):
+    register_configs()
+    with initialize_config_module(config_module="gvae.configs", version_base="1.3"):
+        return compose("config", [f"device={device}", f"train.batch_size={batch}", *overrides])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_gvae(cfg, mode: str, steps: int, warmup: int) -> dict:
+    """Steps/s of gvae's own step: device-resident batches, nothing read back per step."""
+    cfg.train.compile = mode
+    run = build_training(cfg)
+    t0 = time.perf_counter()
+    for _ in range(warmup):  # includes compilation / graph capture
+        run.step(run.sampler.next(), run.tau)
+    sync(run.device)
+    setup = time.perf_counter() - t0
+    running = torch.zeros(3, device=run.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        running += run.step(run.sampler.next(), run.tau)
+    sync(run.device)
+    seconds = time.perf_counter() - t0
+    assert torch.isfinite(running).all()
+    return {"mode": mode, "steps_per_sec": steps / seconds, "warmup_seconds": setup}
+
+
+def time_baseline(cfg, steps: int, warmup: int) -> dict:
+    """The common loop: DataLoader + ToTensor, .to(device) per batch, loss.item() per step."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device(cfg.device)
+    model = VAE(cfg.model).to(device)  # the same model and estimator as gvae's
+    estimator = build_estimator(cfg.estimator, model.latent)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)  # default kernels
+    root = prepare_mnist(cfg.data.root, cfg.data.download)
+    dataset = datasets.MNIST(str(root), train=True, transform=transforms.ToTensor())
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True)
+    tau = torch.tensor(1.0)
+
+    def batches():
+        while True:
+            yield from loader
+
+    it = batches()
+
+    def one_step() -> float:
+        images, _ = next(it)
+        x = images.view(images.shape[0], -1).to(device)
+        loss, _ = training_loss(model, estimator, x, tau.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    for _ in range(warmup):
+        one_step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    return {"mode": "baseline", "steps_per_sec": steps / (time.perf_counter() - t0)}
+
+
+def full_run(device: str, overrides: list[str]) -> dict:
+    """Wall time of a complete default run (50,000 steps and the m=1000 test bound), start-up included."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "gvae.train", f"device={device}", f"hydra.run.dir={tmp}", *overrides]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        metrics = json.loads((Path(tmp) / "metrics.json").read_text())
+    return {"mode": "full_run", "wall_seconds": wall, "steps": metrics["step"],
+            "test_bound": metrics["test_bound"], "steps_per_sec": metrics["steps_per_sec"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300, help="timed steps per mode")
+    parser.add_argument("--warmup", type=int, default=30, help="untimed steps (compilation included)")
+    parser.add_argument("--modes", nargs="+", default=None, help=f"gvae modes, from {MODES[1:]}")
+    parser.add_argument("--full-run", action="store_true", help="also time a complete default run")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for gvae's config")
+    args = parser.parse_args()
+
+    cfg = default_config(args.device, args.batch, args.overrides)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    modes = args.modes or [m for m in MODES[1:] if device.type == "cuda" or m != "graph"]
+    results = [time_baseline(cfg.copy(), args.steps, args.warmup)]
+    results += [time_gvae(cfg.copy(), mode, args.steps, args.warmup) for mode in modes]
+    baseline = results[0]["steps_per_sec"]
+    for r in results:
+        r.update(device=name, batch=args.batch, images_per_sec=r["steps_per_sec"] * args.batch,
+                 ratio_to_baseline=r["steps_per_sec"] / baseline, torch=torch.__version__,
+                 threads=torch.get_num_threads())
+        print(json.dumps(r), flush=True)
+    if args.full_run:
+        print(json.dumps({"device": name, **full_run(args.device, args.overrides)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
