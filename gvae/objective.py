@@ -43,7 +43,8 @@ def log_weights(
     rep = logits.expand(num_samples, *logits.shape).reshape(-1, *logits.shape[1:])
     z = model.latent.sample(rep, generator)
     prior = model.prior_logits.expand_as(rep)
-    log_px_z = -recon_nll(model.decode(z), x.repeat(num_samples, 1))
+    pixel_logits = model.decode(z).view(num_samples, *x.shape)
+    log_px_z = -recon_nll(pixel_logits, x.expand_as(pixel_logits)).view(-1)  # a view of x, no copies
     log_w = log_px_z + model.latent.log_prob(z, prior) - model.latent.log_prob(z, rep)
     return log_w.view(num_samples, x.shape[0])
 
