@@ -7,6 +7,7 @@ a type cannot express live in `validate`, which runs before anything else.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -174,12 +175,26 @@ def validate(cfg: Any) -> None:
     _require(d.num_val >= 1, "data.num_val", d.num_val, "must be >= 1")
     _require(d.num_train >= t.batch_size, "data.num_train", d.num_train,
              f"must be >= train.batch_size={t.batch_size}")
+    _require(d.num_train + d.num_val <= 60_000, "data.num_train", d.num_train,
+             f"data.num_train + data.num_val (={d.num_val}) must be <= 60000, MNIST's training images")
+    _require_optimizer(cfg.optim.get("_target_"))
     _require(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
     try:
         check_estimator_config(cfg.estimator)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     resolve_device(cfg.device)
+
+
+def _require_optimizer(target: Any) -> None:
+    """The optimizer's `_target_` must name a torch.optim.Optimizer class."""
+    module, _, name = str(target).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name, None)
+    except (ImportError, ValueError):
+        cls = None
+    _require(isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer), "optim._target_", target,
+             "a torch.optim.Optimizer class (optim=adam or optim=sgd)")
 
 
 def resolve_device(name: str) -> torch.device:

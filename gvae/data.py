@@ -7,6 +7,7 @@ shuffle, so the training loop never waits on a DataLoader or a host-to-device co
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import os
 import shutil
@@ -30,30 +31,53 @@ IDX_FILES = {
     "t10k-images-idx3-ubyte": (2051, (10_000, 28, 28)),
     "t10k-labels-idx1-ubyte": (2049, (10_000,)),
 }
+# MD5 of the decompressed files, MNIST's well-known values: a damaged byte past the header would
+# otherwise train on a silently wrong dataset.
+IDX_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
 
 
-def check_idx_file(path: Path) -> None:
-    """Raise DataError unless `path` is a complete IDX file with MNIST's magic number and shape."""
-    magic, shape = IDX_FILES[path.name]
+def idx_problem(path: Path, name: str) -> str | None:
+    """What is wrong with `path` as MNIST's IDX file `name` (magic number, shape, length,
+    checksum), or None."""
+    magic, shape = IDX_FILES[name]
     header_size = 4 * (1 + len(shape))
     with open(path, "rb") as f:
         header = f.read(header_size)
     if len(header) < header_size:
-        raise DataError(f"{path}: truncated IDX header ({len(header)} of {header_size} bytes)")
+        return f"truncated IDX header ({len(header)} of {header_size} bytes)"
     found_magic = int.from_bytes(header[:4], "big")
     if found_magic != magic:
-        raise DataError(f"{path}: wrong magic number {found_magic}, expected {magic}")
+        return f"wrong magic number {found_magic}, expected {magic}"
     found_shape = tuple(int.from_bytes(header[4 * i : 4 * i + 4], "big") for i in range(1, len(shape) + 1))
     if found_shape != shape:
-        raise DataError(f"{path}: shape {found_shape} in the header, expected {shape}")
+        return f"shape {found_shape} in the header, expected {shape}"
     expected = header_size + int(torch.tensor(shape).prod())
     size = path.stat().st_size
     if size != expected:
-        raise DataError(f"{path}: {size} bytes, expected {expected} (truncated or padded file)")
+        return f"{size} bytes, expected {expected} (truncated or padded file)"
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    if (md5 := digest.hexdigest()) != IDX_MD5[name]:
+        return f"MD5 {md5}, expected MNIST's {IDX_MD5[name]} (corrupt contents)"
+    return None
+
+
+def check_idx_file(path: Path) -> None:
+    """Raise DataError naming `path` unless it is the MNIST IDX file its name says."""
+    if problem := idx_problem(path, path.name):
+        raise DataError(f"{path}: {problem}")
 
 
 def _gunzip(src: Path, dst: Path) -> None:
-    """Decompress src to dst through a temporary file, so a failure never leaves a partial dst."""
+    """Decompress src to dst through a temporary file, checked before it takes dst's name, so a
+    failure never leaves a partial or wrong dst behind."""
     tmp = dst.with_name(dst.name + ".partial")
     try:
         with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
@@ -61,14 +85,25 @@ def _gunzip(src: Path, dst: Path) -> None:
     except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
         tmp.unlink(missing_ok=True)
         raise DataError(f"{src}: cannot decompress ({e}); the gzip file is corrupt or truncated") from e
+    if problem := idx_problem(tmp, dst.name):
+        tmp.unlink()
+        raise DataError(f"{src}: decompresses to a file that is not MNIST's {dst.name}: {problem}")
     os.replace(tmp, dst)
+
+
+def _check_decompressed(path: Path, gz: Path) -> None:
+    """check_idx_file, saying how to recover when the file can be made again from a .gz."""
+    if problem := idx_problem(path, path.name):
+        hint = f"; delete it and gvae will decompress {gz} again" if gz.exists() else ""
+        raise DataError(f"{path}: {problem}{hint}")
 
 
 def prepare_mnist(root: str | Path, download: bool) -> Path:
     """Return a root that torchvision.datasets.MNIST can read without downloading.
 
     torchvision accepts only its own downloads' checksums, so `.gz` files are decompressed next
-    to themselves first (or into ~/.cache/gvae when that folder is read-only).
+    to themselves first (or into ~/.cache/gvae when that folder is read-only). Every file is
+    checked, including decompressed copies left by an earlier run.
     """
     root = Path(root).expanduser()
     raw = root / "MNIST" / "raw"
@@ -90,14 +125,14 @@ def prepare_mnist(root: str | Path, download: bool) -> Path:
     target_raw = target / "MNIST" / "raw"
     target_raw.mkdir(parents=True, exist_ok=True)
     for name in IDX_FILES:
-        dst = target_raw / name
-        if not dst.exists():
-            src = raw / name
-            if src.exists():
-                shutil.copyfile(src, dst)
-            else:
-                _gunzip(raw / f"{name}.gz", dst)
-        check_idx_file(dst)
+        src, gz, dst = raw / name, raw / f"{name}.gz", target_raw / name
+        if dst.exists():
+            _check_decompressed(dst, gz)
+        elif src.exists():
+            check_idx_file(src)
+            shutil.copyfile(src, dst)
+        else:
+            _gunzip(gz, dst)
     return target
 
 

@@ -19,3 +19,11 @@ class CheckpointError(GvaeError):
 
 class NonFiniteError(GvaeError):
     """The loss or the parameters became NaN or infinite."""
+
+
+class Interrupted(GvaeError):
+    """SIGTERM or SIGINT stopped training after a checkpoint; `signum` is the signal received."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gvae.errors import ConfigError
 from gvae.latents import Latent
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
@@ -49,6 +50,19 @@ class Estimator(nn.Module):
         raise NotImplementedError
 
 
+def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
+    """`hard` forward, the gradient of `soft` backward.
+
+    The parentheses matter: soft - soft.detach() is exactly 0, so the forward value is exactly
+    `hard`, whereas (hard + soft) - soft.detach() is off by a rounding error.
+    """
+    return hard + (soft - soft.detach())
+
+
+# -----------------------------------------------------------------------------
+# estimators that are a sample with the right gradient
+
+
 class Reparameterized(Estimator):
     """Estimators that are a sample with the right gradient: the surrogate is f(sample)."""
 
@@ -74,8 +88,167 @@ class STGumbelSoftmax(Reparameterized):
 
     def sample(self, logits, tau):
         perturbed = logits + self.latent.noise(logits)
-        soft = self.latent.relax(perturbed, tau)
-        return self.latent.harden(perturbed) + soft - soft.detach()
+        return straight_through(self.latent.harden(perturbed), self.latent.relax(perturbed, tau))
+
+
+@register("straight_through")
+class StraightThrough(Reparameterized):
+    """Straight-through: exact sample forward, gradient of the mean code p backward (Bengio et al. 2013).
+
+    z = hard + p - p.detach() with p = softmax(logits) or sigmoid(logits); for a binary unit
+    this is Bengio et al.'s identity ST (d z / d p = 1).
+    """
+
+    def soft(self, logits: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        return self.latent.probs(logits)
+
+    def sample(self, logits, tau):
+        return straight_through(self.latent.sample(logits.detach()), self.soft(logits, tau))
+
+
+@register("slope_annealed_st")
+class SlopeAnnealedST(StraightThrough):
+    """Slope-annealed straight-through, slope 1/tau following the temperature schedule (Chung et al. 2016).
+
+    Forward an exact sample; backward through softmax(logits / tau) or sigmoid(logits / tau):
+    the steeper the slope, the closer the backward function is to the hard sample.
+    """
+
+    def soft(self, logits, tau):
+        return self.latent.relax(logits, tau)
+
+
+# -----------------------------------------------------------------------------
+# score-function estimators: exact samples, f(z) times the gradient of log q(z)
+
+
+class ScoreFunctionBase(Estimator):
+    """A learning signal times grad log q(z), centred by a moving-average baseline, with variance
+    normalization (Mnih & Gregor 2014): the encoder's gradient divided by a moving estimate of the
+    learning signal's standard deviation.
+
+    In Mnih & Gregor the KL terms are part of the learning signal, so normalization rescales the
+    encoder's whole gradient; here the objective adds the KL analytically, so to keep the two
+    terms in proportion the scale is applied to the total gradient reaching the logits (KL
+    included) by a hook. The decoder's gradient is not rescaled.
+    Options: `decay` of both moving averages (0.8, the alpha of Mnih & Gregor), and `min_var`:
+    the scale is 1 / sqrt(max(var, min_var)); 1.0 gives Mnih & Gregor's 1 / max(1, std).
+    """
+
+    per_variable = False  # one learning signal per example, or one per latent variable
+
+    def __init__(self, latent: Latent, decay: float = 0.8, min_var: float = 1.0):
+        super().__init__(latent)
+        if not 0.0 <= decay < 1.0:
+            raise ConfigError(f"estimator.decay={decay!r} is not allowed: must be in [0, 1)")
+        if not min_var > 0.0:
+            raise ConfigError(f"estimator.min_var={min_var!r} is not allowed: must be > 0")
+        self.decay, self.min_var = decay, min_var
+        shape = (latent.num_vars,) if self.per_variable else ()
+        self.register_buffer("mean", torch.zeros(shape))
+        self.register_buffer("var", torch.ones(shape))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    def centre(self, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (signal - b, s), s = 1 / sqrt(max(v, min_var)), then update b and v.
+
+        b and v are the moving mean and variance from before this batch, so a batch is never
+        centred by its own values (which would bias it); the first batch, with no history,
+        starts them from its own statistics. torch.where instead of an `if`: no host sync.
+        """
+        signal = signal.detach()
+        batch_mean, batch_var = signal.mean(0), signal.var(0, unbiased=False)
+        mean = torch.where(self.started, self.mean, batch_mean)
+        var = torch.where(self.started, self.var, batch_var)
+        self.mean.copy_(torch.lerp(batch_mean, mean, self.decay))  # decay * old + (1 - decay) * new
+        self.var.copy_(torch.lerp(batch_var, var, self.decay))
+        self.started.fill_(True)
+        return signal - mean, var.clamp(min=self.min_var).rsqrt()
+
+    def scale_encoder_gradient(self, logits: torch.Tensor, scale: torch.Tensor) -> None:
+        """Multiply the whole gradient reaching `logits` (this estimator's and the KL's) by `scale`,
+        per variable when the scale has one entry per variable."""
+        if logits.requires_grad:  # a property of the tensor, not its value: no host sync
+            scale = scale.reshape(scale.shape + (1,) * (logits.dim() - 1 - scale.dim()))
+            logits.register_hook(lambda grad: grad * scale)
+
+    def code_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a code-shaped tensor over all its components: (B,)."""
+        return self.latent.flatten(t).sum(-1)
+
+
+@register("score_function")
+class ScoreFunction(ScoreFunctionBase):
+    """REINFORCE, moving-average baseline and variance normalization (Williams 1992; Mnih & Gregor 2014).
+
+    Encoder gradient: s * [(f(z) - b) grad log q(z) + grad KL], z ~ q, s = 1 / sqrt(max(v,
+    min_var)). With b and s fixed it is s times an unbiased estimate: the baseline only reduces
+    variance, normalization sets the encoder's step. Decoder gradient: grad f(z).
+    """
+
+    def forward(self, logits, tau, f):
+        z = self.latent.sample(logits.detach())
+        value = f(z)
+        signal, scale = self.centre(value)
+        self.scale_encoder_gradient(logits, scale)
+        return value + signal * self.latent.log_prob(z, logits), value.detach()
+
+
+@register("darn")
+class DARN(ScoreFunctionBase):
+    """DARN: per-variable learning signal from a first-order Taylor expansion (Gregor et al. 2014).
+
+    What is implemented, for variable j of a sample z ~ q: the learning signal is
+    f(z) - f(z with z_j at the centre c_j), approximated to first order around the sample:
+        L_j = df/dz_j(z) . (z_j - c_j),
+    c_j = 1/2 for a binary unit (Gregor et al.) and the uniform vector 1/K for a one-hot variable
+    (our generalisation; it is 1/2 per class for K = 2). Encoder gradient of variable j:
+    s_j [(L_j - b_j) grad log q(z_j) + grad KL_j], with a baseline b_j and scale s_j per
+    variable. There is no analytic correction, so it is exact only for f linear in z (then any
+    centre gives the exact gradient); otherwise biased. Decoder gradient: grad f(z).
+    """
+
+    per_variable = True
+
+    def forward(self, logits, tau, f):
+        z = self.latent.sample(logits.detach())
+        # df/dz at the sample from a pass of its own: a compiled graph differentiated twice (with
+        # retain_graph) gave wrong decoder gradients under torch.compile.
+        probe = z.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(f(probe).sum(), probe)
+        value = f(z)
+        signal, scale = self.centre(self.latent.per_var(grad * (z - self.latent.center(logits))))
+        self.scale_encoder_gradient(logits, scale)
+        surrogate = value + (signal * self.latent.log_prob_vars(z, logits)).sum(-1)
+        return surrogate, value.detach()
+
+
+@register("muprop")
+class MuProp(ScoreFunctionBase):
+    """MuProp: first-order Taylor expansion at the mean code as control variate (Gu et al. 2016).
+
+    What is implemented, for z ~ q and the mean code mu = E_q[z] (softmax or sigmoid of the
+    logits), with f and its gradient evaluated at mu by a deterministic (mean-field) pass:
+        h(z) = f(mu) + f'(mu) . (z - mu),   residual r = f(z) - h(z),
+        encoder gradient = s * [(r - b) grad log q(z) + f'(mu) . grad mu + grad KL],
+    the second term being the gradient of E_q[h(z)] = f(mu) + f'(mu) . (E_q[z] - mu) through q
+    (f(mu), f'(mu) held fixed), which makes it unbiased: with b and s fixed it is s times an
+    unbiased estimate. s = 1 / sqrt(max(v, min_var)) from the moving variance of the residual.
+    Decoder gradient: grad f(z).
+    """
+
+    def forward(self, logits, tau, f):
+        z = self.latent.sample(logits.detach())
+        value = f(z)
+        mu = self.latent.probs(logits)
+        mu_fixed = mu.detach().requires_grad_()
+        f_mu = f(mu_fixed)
+        (grad_mu,) = torch.autograd.grad(f_mu.sum(), mu_fixed)  # f'(mu); no decoder gradient from here
+        taylor = f_mu.detach() + self.code_sum(grad_mu * (z - mu_fixed.detach()))
+        signal, scale = self.centre(value - taylor)
+        self.scale_encoder_gradient(logits, scale)
+        surrogate = value + signal * self.latent.log_prob(z, logits) + self.code_sum(grad_mu * mu)
+        return surrogate, value.detach()
 
 
 def check_estimator_config(cfg: Mapping[str, Any]) -> tuple[type[Estimator], dict[str, Any]]:

@@ -60,6 +60,18 @@ class Latent:
         """A copy of exact codes with variable `var` set to `value` (for traversals)."""
         raise NotImplementedError
 
+    def log_prob_vars(self, z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """log q(z_j) of each variable: shape (B, N)."""
+        raise NotImplementedError
+
+    def per_var(self, t: torch.Tensor) -> torch.Tensor:
+        """A code-shaped tensor summed over each variable's components: shape (B, N)."""
+        raise NotImplementedError
+
+    def center(self, logits: torch.Tensor) -> torch.Tensor:
+        """The code with every variable at the centre of its values: 1/K per class, or 1/2."""
+        raise NotImplementedError
+
     def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Exact sample from q (no gradient)."""
         return self.harden(logits + self.noise(logits, generator))
@@ -107,6 +119,15 @@ class Categorical(Latent):
         code[:, var] = F.one_hot(torch.tensor(value), self.num_values).to(code)
         return code
 
+    def log_prob_vars(self, z, logits):
+        return (z * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
+
+    def per_var(self, t):
+        return t.sum(dim=-1)
+
+    def center(self, logits):
+        return torch.full_like(logits, 1.0 / self.num_values)
+
 
 class Bernoulli(Latent):
     """N binary variables with {0, 1} codes; relaxation: binary Concrete (logistic noise)."""
@@ -146,4 +167,13 @@ class Bernoulli(Latent):
         code = code.clone()
         code[:, var] = float(value)
         return code
+
+    def log_prob_vars(self, z, logits):
+        return -F.binary_cross_entropy_with_logits(logits, z, reduction="none")
+
+    def per_var(self, t):
+        return t
+
+    def center(self, logits):
+        return torch.full_like(logits, 0.5)
 

@@ -170,7 +170,7 @@ def build_training(cfg: DictConfig, checkpoint: dict | None = None) -> Training:
         optimizer.load_state_dict(checkpoint["optimizer"])
         sampler.load_state_dict(checkpoint["sampler"])
         torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if device.type == "cuda":
+        if device.type == "cuda" and "cuda" in checkpoint["rng"]:  # a CPU checkpoint has none
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
         step_number = checkpoint["step"]
     step = make_train_step(model, estimator, optimizer, splits, cfg.train.precision, mode,

@@ -1,15 +1,22 @@
 """Train a discrete-latent VAE on MNIST: `gvae-train [overrides]`, `gvae-train -m ...` for sweeps.
 
 The loop is written out top to bottom. Everything per step stays on the device; the host
-reads the accumulated metrics once per log interval.
+reads the accumulated metrics once per log interval, and checks then that they are finite.
+SIGTERM and SIGINT save a checkpoint and stop; `train.resume=true` continues a run or a sweep
+(docs/robustness.md).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +29,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gvae.checkpoint import load_checkpoint, save_checkpoint
+from gvae.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from gvae.config import register_configs, resolve_device, validate
-from gvae.errors import GvaeError, NonFiniteError
+from gvae.errors import CheckpointError, ConfigError, GvaeError, Interrupted, NonFiniteError
 from gvae.objective import multi_sample_bound, negative_elbo
 from gvae.schedules import temperature
 from gvae.step import build_training
@@ -55,28 +62,79 @@ def all_finite(*tensors: torch.Tensor) -> bool:
     return bool(torch.stack([t.detach().isfinite().all() for t in tensors]).all())
 
 
+def finished_metrics(out_dir: Path, max_steps: int) -> dict[str, Any] | None:
+    """The metrics of a run in out_dir that completed max_steps, or None."""
+    path = out_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    return metrics if metrics.get("status") == "complete" and metrics["step"] >= max_steps else None
+
+
+@contextmanager
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
+    """Inside the block SIGTERM and SIGINT only append to the yielded list, which the loop reads
+    after each step (a Python list: no device sync) to checkpoint and stop; the previous handlers
+    come back afterwards. Only the main thread may set handlers, so elsewhere signals act as usual."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
 # -----------------------------------------------------------------------------
 # training
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Train per `cfg`, writing TensorBoard events, checkpoints and metrics.json under out_dir."""
-    validate(cfg)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    validate(cfg)  # before anything is written
     ckpt_dir = out_dir / "checkpoints"
     ckpt_path = ckpt_dir / "last.pt"
-    state = load_checkpoint(ckpt_path, device) if cfg.train.resume and ckpt_path.exists() else None
+    state = None
+    if cfg.train.resume:
+        if ckpt_path.exists():
+            state = load_checkpoint(ckpt_path)
+            check_compatible(ckpt_path, state["config"], cfg)
+        if (done := finished_metrics(out_dir, cfg.train.max_steps)) is not None:
+            log.info("%s already finished %d steps (train.resume=true): nothing to do", out_dir, done["step"])
+            return done
+        if state is None:
+            log.info("train.resume=true but no checkpoint in %s: starting from step 0", ckpt_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
     run = build_training(cfg, state)
     splits, sampler, model, estimator, optimizer = (
         run.splits, run.sampler, run.model, run.estimator, run.optimizer)
     step, best_val = (state["step"], state["best_val"]) if state else (0, float("inf"))
     if state:
         log.info("resumed from %s at step %d", ckpt_path, step)
+    # What a divergence corrupts: parameters, and estimator baselines (buffers).
+    watched = [*model.parameters(), *estimator.parameters(), *estimator.buffers()]
+    finite_at = step  # the last step at which the watched tensors were seen finite
+    ckpt_step = state["step"] if state else None  # the step of the last good checkpoint
+
+    def non_finite(what: str) -> NonFiniteError:
+        kept = (f"the last good checkpoint, {ckpt_path} (step {ckpt_step}), is kept" if ckpt_step is not None
+                else "no checkpoint had been written")
+        return NonFiniteError(f"{what}; {kept}. Lower optim.lr or change the estimator's settings.")
+
+    def check_finite() -> None:
+        """One host read of the loss accumulated since the last log and of the watched tensors."""
+        nonlocal finite_at
+        if not all_finite(running, *watched):
+            raise non_finite(f"non-finite loss or parameters between steps {finite_at} and {step}")
+        finite_at = step
 
     def checkpoint() -> None:
-        if not all_finite(*model.parameters()):
-            raise NonFiniteError(f"non-finite parameters at step {step}; kept the last good checkpoint")
+        nonlocal ckpt_step
+        check_finite()  # never replace a good checkpoint with a diverged run
         ckpt_dir.mkdir(exist_ok=True)
         rng = {"cpu": torch.get_rng_state()}
         if device.type == "cuda":
@@ -87,6 +145,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
             "step": step, "best_val": best_val,
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         })
+        ckpt_step = step
 
     def evaluate_val() -> float:
         model.eval()
@@ -98,7 +157,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         return val
 
     tau, tau_now = run.tau, temperature(cfg.schedule, step)
-    writer = SummaryWriter(str(out_dir))
+    # Resuming: the same folder, where the events logged after the checkpoint (before a crash) are
+    # hidden, since this run logs those steps again.
+    writer = SummaryWriter(str(out_dir), purge_step=step + 1 if state else None)
     log.info("device %s, step mode %s, %d parameters, output %s",
              device, run.mode, sum(p.numel() for p in model.parameters()), out_dir)
     running = torch.zeros(3, device=device)  # sums of [loss, recon, kl] since the last log
@@ -107,7 +168,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     t_start = t_log = time.perf_counter()
     bar = tqdm(total=cfg.train.max_steps, initial=step, disable=None, dynamic_ncols=True, unit="step")
     try:
-        with logging_redirect_tqdm():
+        with logging_redirect_tqdm(), deferred_signals() as received:
             while step < cfg.train.max_steps:
                 if (tau_next := temperature(cfg.schedule, step)) != tau_now:
                     tau_now = tau_next
@@ -121,11 +182,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                     now = time.perf_counter()
                     train_seconds += now - t_log
                     steps_this_run += since_log
-                    if not all_finite(running, *model.parameters()):
-                        raise NonFiniteError(
-                            f"non-finite loss or parameters between steps {step - since_log} and {step}; "
-                            f"the last good checkpoint is {ckpt_path}"
-                        )
+                    check_finite()
                     lr = optimizer.param_groups[0]["lr"]
                     for tag, value in [("train/loss", loss), ("train/recon", recon), ("train/kl", kl),
                                        ("train/tau", tau_now),
@@ -139,15 +196,22 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
                 if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
                     last_val = evaluate_val()
+                    if not math.isfinite(last_val):
+                        raise non_finite(f"the validation nelbo is {last_val} at step {step}")
                     best_val = min(best_val, last_val)
                     writer.add_scalar("val/nelbo", last_val, step)
                     writer.flush()
                     log.info("step %d  val nelbo %.3f", step, last_val)
                     t_log = time.perf_counter()
 
-                if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps:
+                if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or received:
                     checkpoint()
                     t_log = time.perf_counter()
+                if received:
+                    name = signal.Signals(received[0]).name
+                    log.warning("%s: stopped at step %d, checkpoint %s", name, step, ckpt_path)
+                    raise Interrupted(f"{name} at step {step}: saved {ckpt_path}; run the same command "
+                                      "with train.resume=true to continue", received[0])
 
         model.eval()
         test_nelbo = negative_elbo(model, splits.test, splits.eval_targets, cfg.eval.batch_size,
@@ -186,13 +250,20 @@ def main(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        return train(cfg, out_dir)["test_bound"]
+        test_bound = train(cfg, out_dir)["test_bound"]
+    except Interrupted as e:
+        write_json(out_dir / "failed.json", {"status": "interrupted", "error": str(e)})
+        raise SystemExit(128 + e.signum) from None  # a sweep stops too: the machine is going away
     except GvaeError as e:
         log.error("%s", e)
-        write_json(out_dir / "failed.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        # A wrong command (bad value, another run's checkpoint) writes nothing but Hydra's log.
+        if not isinstance(e, (ConfigError, CheckpointError)):
+            write_json(out_dir / "failed.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # Hydra records the failed job and goes on with the others
         raise SystemExit(1) from None
+    (out_dir / "failed.json").unlink(missing_ok=True)  # a resumed run that failed before has now finished
+    return test_bound
 
 
 if __name__ == "__main__":

@@ -1,0 +1,188 @@
+"""MNIST: binarization modes, the seeded split, `.gz` extraction and the missing-data error."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from gvae.config import Binarization
+from gvae.data import IDX_FILES, Splits, _binarize, load_splits, prepare_mnist
+from gvae.errors import DataError
+from tests.conftest import compose_config
+
+CPU = torch.device("cpu")
+
+
+def grey_images(n: int = 200, seed: int = 0) -> torch.Tensor:
+    """uint8 rows of 784 pixels covering every grey level, 0 and 255 included."""
+    images = torch.randint(0, 256, (n, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    images[0, :256] = torch.arange(256, dtype=torch.uint8)
+    return images
+
+
+def splits(mode: Binarization, images: torch.Tensor) -> Splits:
+    """Splits built the way load_splits builds them, from small tensors."""
+    eval_mode = Binarization.static if mode is Binarization.dynamic else mode
+    return Splits(
+        train=_binarize(images, mode, 0), val=_binarize(images, eval_mode, 1),
+        test=_binarize(images, eval_mode, 2), binarization=mode,
+    )
+
+
+def is_binary(t: torch.Tensor) -> bool:
+    return bool(((t == 0) | (t == 1)).all())
+
+
+# -----------------------------------------------------------------------------
+# binarization modes, on small tensors
+
+
+def test_threshold_binarization_is_pixel_above_127():
+    images = torch.arange(256, dtype=torch.uint8).view(1, 256)
+    binary = _binarize(images, Binarization.threshold, seed=0)
+    assert binary.dtype == torch.uint8
+    assert torch.equal(binary, (images.float() / 255 > 0.5).to(torch.uint8))
+    assert binary[0, :128].sum() == 0 and binary[0, 128:].sum() == 128  # 127 -> 0, 128 -> 1
+    s = splits(Binarization.threshold, images)
+    assert torch.equal(s.targets(s.train), binary.float())
+    assert torch.equal(s.eval_targets(s.val), binary.float())
+
+
+def test_static_binarization_is_fixed_by_its_seed_and_differs_from_threshold():
+    images = grey_images()
+    first = _binarize(images, Binarization.static, seed=0)
+    assert torch.equal(first, _binarize(images, Binarization.static, seed=0))
+    assert not torch.equal(first, _binarize(images, Binarization.static, seed=1))
+    assert not torch.equal(first, _binarize(images, Binarization.threshold, seed=0))
+    assert is_binary(first)
+    assert (first[images == 0] == 0).all() and (first[images == 255] == 1).all()
+    # P(pixel = 1) = grey level / 255: over 156,800 pixels the mean is within 0.003 (3 s.e.).
+    assert abs(first.float().mean() - images.float().mean() / 255) < 0.003
+    s = splits(Binarization.static, images)
+    assert torch.equal(s.targets(s.train), s.targets(s.train))  # never resampled
+
+
+def test_dynamic_binarization_resamples_training_batches_but_not_evaluation_sets():
+    images = grey_images()
+    s = splits(Binarization.dynamic, images)
+    assert torch.equal(s.train, images)  # grey levels kept, binarized per batch
+    torch.manual_seed(0)
+    first, second = s.targets(s.train), s.targets(s.train)
+    assert is_binary(first) and is_binary(second)
+    assert first.dtype == torch.float32
+    assert (first != second).float().mean() > 0.1  # a fresh draw for the same images
+    assert abs(first.mean() - images.float().mean() / 255) < 0.003
+    assert is_binary(s.val) and is_binary(s.test)
+    assert torch.equal(s.eval_targets(s.val), s.eval_targets(s.val))
+    assert torch.equal(s.eval_targets(s.test), s.test.float())
+
+
+def test_no_binarization_gives_grey_levels_over_255():
+    images = grey_images()
+    s = splits(Binarization.none, images)
+    for x in (s.targets(s.train), s.eval_targets(s.val)):
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x, images.float() / 255)
+        assert x.min() == 0 and x.max() == 1
+        assert ((x > 0) & (x < 1)).any()
+
+
+# -----------------------------------------------------------------------------
+# the split, on real MNIST
+
+
+def load(mnist_root: Path, *overrides: str) -> Splits:
+    cfg = compose_config([f"data.root={mnist_root}", *overrides])
+    return load_splits(cfg.data, CPU)
+
+
+def test_load_splits_gives_50000_10000_10000_the_same_way_every_time(mnist_root):
+    first, again = load(mnist_root), load(mnist_root)  # static, the default
+    for name, n in [("train", 50_000), ("val", 10_000), ("test", 10_000)]:
+        a = getattr(first, name)
+        assert a.shape == (n, 784) and a.dtype == torch.uint8
+        assert is_binary(a)
+        assert torch.equal(a, getattr(again, name)), name
+    threshold = load(mnist_root, "data.binarization=threshold")
+    assert not torch.equal(first.train, threshold.train)
+    other_seed = load(mnist_root, "data.split_seed=1")
+    assert not torch.equal(first.val, other_seed.val)
+
+
+def test_train_and_validation_partition_the_official_training_set(mnist_root):
+    grey = load(mnist_root, "data.binarization=none")
+    official = torchvision.datasets.MNIST(str(prepare_mnist(mnist_root, False)), train=True).data
+    # Every one of the 60,000 images is used once: same pixel total, no image repeated.
+    total = grey.train.sum(dtype=torch.int64) + grey.val.sum(dtype=torch.int64)
+    assert total == official.sum(dtype=torch.int64)
+    rows = torch.cat([grey.train, grey.val]).view(60_000, 784)
+    assert len(torch.unique(rows, dim=0)) == len(torch.unique(official.view(60_000, 784), dim=0))
+
+
+def test_dynamic_mode_evaluation_sets_are_binary_and_fixed_across_loads(mnist_root):
+    first, again = (load(mnist_root, "data.binarization=dynamic") for _ in range(2))
+    assert first.train.max() > 1  # training images keep their grey levels
+    for name in ("val", "test"):
+        assert is_binary(getattr(first, name))
+        assert torch.equal(getattr(first, name), getattr(again, name))
+
+
+# -----------------------------------------------------------------------------
+# preparing the files
+
+
+def copy_gz(mnist_root: Path, dst_root: Path, names=tuple(IDX_FILES)) -> Path:
+    raw = dst_root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in names:
+        shutil.copyfile(mnist_root / "MNIST" / "raw" / f"{name}.gz", raw / f"{name}.gz")
+    return raw
+
+
+def test_gz_files_are_extracted_and_loaded_by_torchvision(mnist_root, tmp_path):
+    raw = copy_gz(mnist_root, tmp_path)
+    root = prepare_mnist(tmp_path, download=False)
+    assert root == tmp_path
+    for name in IDX_FILES:
+        assert (raw / name).is_file(), name
+        assert not (raw / f"{name}.partial").exists()
+    train = torchvision.datasets.MNIST(str(root), train=True, download=False)
+    test = torchvision.datasets.MNIST(str(root), train=False, download=False)
+    assert train.data.shape == (60_000, 28, 28) and test.data.shape == (10_000, 28, 28)
+    with gzip.open(raw / "t10k-labels-idx1-ubyte.gz") as f:
+        assert test.targets.tolist() == list(f.read()[8:])  # labels follow the 8-byte IDX header
+    assert prepare_mnist(tmp_path, download=False) == tmp_path  # a second call finds the raw files
+
+
+def test_missing_data_without_download_says_where_and_how_to_provide_it(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    with pytest.raises(DataError) as err:
+        prepare_mnist(tmp_path, download=False)
+    message = str(err.value)
+    assert str(raw) in message
+    for hint in ("data.root", "GVAE_DATA_DIR", "data.download=true"):
+        assert hint in message, hint
+    cfg = compose_config([f"data.root={tmp_path}", "data.download=false"])
+    with pytest.raises(DataError, match="MNIST not found"):
+        load_splits(cfg.data, CPU)
+
+
+def test_one_missing_file_is_named(mnist_root, tmp_path):
+    copy_gz(mnist_root, tmp_path, names=[n for n in IDX_FILES if n != "t10k-labels-idx1-ubyte"])
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte"):
+        prepare_mnist(tmp_path, download=False)
+
+
+def test_truncated_gz_is_a_clear_error_and_leaves_no_partial_file(mnist_root, tmp_path):
+    raw = copy_gz(mnist_root, tmp_path)
+    gz = raw / "train-labels-idx1-ubyte.gz"
+    gz.write_bytes(gz.read_bytes()[:1000])
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz"):
+        prepare_mnist(tmp_path, download=False)
+    assert not (raw / "train-labels-idx1-ubyte").exists()
+    assert not (raw / "train-labels-idx1-ubyte.partial").exists()

@@ -1,0 +1,366 @@
+"""Each estimator's defining property, on problems small enough to enumerate exactly.
+
+The problem: q with fixed logits over 2 categorical variables with 3 classes (9 codes) or 3
+binary variables (8 codes), and f(z; W) a small fixed MLP of the code whose weights W stand
+for the decoder. The exact gradient of E_q[f] with respect to the logits and W is a sum over
+all codes. Expectations of an estimator are averages over a large batch of draws, each with
+its own copy of the logits and W so that per-draw gradients give the standard error.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch._inductor.config
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from gvae.errors import ConfigError
+from gvae.estimators import ESTIMATORS, Estimator, ScoreFunctionBase, build_estimator
+from gvae.latents import Bernoulli, Categorical, Latent
+from gvae.model import VAE
+from gvae.objective import training_loss
+from gvae.step import build_training
+from gvae.train import train
+from tests.conftest import TINY, compose_config
+
+LATENTS: dict[str, Callable[[], Latent]] = {
+    "categorical": lambda: Categorical(num_vars=2, num_classes=3),
+    "bernoulli": lambda: Bernoulli(num_vars=3),
+}
+HARD_FORWARD = [
+    "st_gumbel_softmax", "straight_through", "slope_annealed_st", "score_function", "darn", "muprop",
+]
+DRAWS = 100_000  # per expectation check
+Z_MAX = 5.0  # allowed |estimate - exact| in standard errors: ~40 coordinates, P(false alarm) < 1e-4
+HIDDEN = 4
+# VAE latents for the objective and trainer checks: small categorical, and the paper's 200 binary units.
+MODELS = {"categorical": ["model.num_vars=4", "model.num_classes=3"], "bernoulli": ["model=bernoulli"]}
+
+
+class Problem:
+    """E_q[f(z; W)] with f(z; W) = v . act(z W): act = softplus, or the identity for a linear f."""
+
+    def __init__(self, latent: Latent, linear: bool = False, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.latent, self.linear = latent, linear
+        self.logits = torch.randn(latent.shape, generator=g)
+        self.w = torch.randn(latent.code_size, HIDDEN, generator=g)
+        self.v = torch.randn(HIDDEN, generator=g)
+
+    def f(self, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """f per example; w holds one weight matrix per example: (B, code_size, HIDDEN)."""
+        h = torch.einsum("bd,bdh->bh", self.latent.flatten(z), w)
+        return ((h if self.linear else F.softplus(h)) * self.v).sum(-1)
+
+    def codes(self) -> torch.Tensor:
+        """Every code, built through the latent's own interface."""
+        zero = torch.zeros(1, *self.latent.shape)
+        values = itertools.product(range(self.latent.num_values), repeat=self.latent.num_vars)
+        codes = []
+        for value in values:
+            code = zero
+            for var, k in enumerate(value):
+                code = self.latent.one_value(code, var, k)
+            codes.append(code)
+        return torch.cat(codes)
+
+    def exact(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """d E_q[f] / d logits and d E_q[f] / d W, by enumeration."""
+        logits = self.logits.clone().requires_grad_()
+        w = self.w.clone().requires_grad_()
+        codes = self.codes()
+        n = len(codes)
+        q = self.latent.log_prob(codes, logits.expand(n, *self.latent.shape)).exp()
+        assert torch.allclose(q.sum(), torch.tensor(1.0))
+        expectation = (q * self.f(codes, w.expand(n, *w.shape))).sum()
+        return torch.autograd.grad(expectation, [logits, w])
+
+    def estimate(
+        self, estimator: Estimator, draws: int, tau: float = 1.0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-draw gradients (logits, W) from one call on `draws` draws, and the codes f saw first."""
+        logits = self.logits.expand(draws, *self.latent.shape).clone().requires_grad_()
+        w = self.w.expand(draws, *self.w.shape).clone().requires_grad_()
+        seen: list[torch.Tensor] = []
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            seen.append(z.detach())
+            return self.f(z, w)
+
+        surrogate, value = estimator(logits, torch.tensor(tau), f)
+        assert value.shape == (draws,) and not value.requires_grad
+        torch.testing.assert_close(value, self.f(seen[0], w).detach())  # value is f at the sample
+        g_logits, g_w = torch.autograd.grad(surrogate.mean(), [logits, w])
+        return g_logits * draws, g_w * draws, seen[0]
+
+
+def assert_unbiased(per_draw: torch.Tensor, exact: torch.Tensor) -> None:
+    """The mean of per-draw estimates is within Z_MAX standard errors of the exact value."""
+    mean = per_draw.mean(0)
+    se = per_draw.std(0) / math.sqrt(len(per_draw))
+    z = (mean - exact).abs() / (se + 1e-12)
+    assert (z < Z_MAX).all(), f"max |z| = {z.max():.1f}: mean {mean.flatten()}, exact {exact.flatten()}"
+
+
+def fixed_normalization(estimator: ScoreFunctionBase, baseline: float, var: float) -> float:
+    """Put the moving averages at a converged state; return the scale 1 / sqrt(max(var, min_var))."""
+    estimator.mean.fill_(baseline)
+    estimator.var.fill_(var)
+    estimator.started.fill_(True)
+    return 1.0 / math.sqrt(max(var, estimator.min_var))
+
+
+def grad_through(soft: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor,
+                 problem: Problem, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-draw gradients of f at the fixed code z, passed to the logits through soft(logits)."""
+    z = z.clone().requires_grad_()
+    w = problem.w.expand(len(z), *problem.w.shape).clone().requires_grad_()
+    df_dz, g_w = torch.autograd.grad(problem.f(z, w).sum(), [z, w])
+    logits = logits.clone().requires_grad_()
+    (g_logits,) = torch.autograd.grad(soft(logits), logits, grad_outputs=df_dz)
+    return g_logits, g_w
+
+
+# -----------------------------------------------------------------------------
+# unbiased estimators: score function and MuProp
+
+
+@pytest.mark.parametrize("latent", LATENTS)
+@pytest.mark.parametrize("name", ["score_function", "muprop"])
+def test_unbiased_up_to_the_normalization_scale(name, latent):
+    # With the baseline b and variance v held fixed (a converged moving average), the encoder
+    # gradient is the exact gradient times s = 1/sqrt(max(v, min_var)); normalization only
+    # rescales the step. The decoder gradient is not rescaled.
+    torch.manual_seed(1)
+    problem = Problem(LATENTS[latent]())
+    exact_logits, exact_w = problem.exact()
+    estimator = ESTIMATORS[name](problem.latent)
+    scale = fixed_normalization(estimator, baseline=1.0, var=4.0)
+    g_logits, g_w, _ = problem.estimate(estimator, DRAWS)
+    assert_unbiased(g_logits / scale, exact_logits)
+    assert_unbiased(g_w, exact_w)
+
+
+def test_the_unbiasedness_check_detects_a_biased_estimator():
+    # Straight-through on the same problem: its bias is far outside the statistical tolerance.
+    torch.manual_seed(1)
+    problem = Problem(LATENTS["categorical"]())
+    exact_logits, _ = problem.exact()
+    g_logits, _, _ = problem.estimate(ESTIMATORS["straight_through"](problem.latent), DRAWS)
+    with pytest.raises(AssertionError):
+        assert_unbiased(g_logits, exact_logits)
+
+
+@pytest.mark.parametrize("latent", LATENTS)
+def test_darn_is_exact_in_expectation_for_a_linear_f(latent):
+    # DARN's Taylor expansion is exact when f is linear in z, so there it is unbiased (with its
+    # per-variable normalization scale, here the same for every variable, accounted for).
+    torch.manual_seed(2)
+    problem = Problem(LATENTS[latent](), linear=True)
+    exact_logits, exact_w = problem.exact()
+    estimator = ESTIMATORS["darn"](problem.latent)
+    scale = fixed_normalization(estimator, baseline=0.5, var=9.0)
+    g_logits, g_w, _ = problem.estimate(estimator, DRAWS)
+    assert_unbiased(g_logits / scale, exact_logits)
+    assert_unbiased(g_w, exact_w)
+
+
+@pytest.mark.parametrize("latent", LATENTS)
+def test_darn_backward_is_the_per_variable_taylor_learning_signal(latent):
+    torch.manual_seed(3)
+    problem = Problem(LATENTS[latent]())
+    estimator = ESTIMATORS["darn"](problem.latent)
+    baseline, var = 0.3, 2.0
+    scale = fixed_normalization(estimator, baseline, var)
+    g_logits, g_w, z = problem.estimate(estimator, 64)
+    # By hand: L_j = df/dz_j (z_j - c_j), c = 1/K or 1/2; encoder gradient (L_j - b) s grad log q(z_j).
+    lat = problem.latent
+    z_ = z.clone().requires_grad_()
+    w = problem.w.expand(len(z), *problem.w.shape).clone().requires_grad_()
+    df_dz, expected_w = torch.autograd.grad(problem.f(z_, w).sum(), [z_, w])
+    logits = problem.logits.expand_as(z).clone().requires_grad_()
+    signal = (lat.per_var(df_dz * (z - lat.center(logits.detach()))) - baseline) * scale
+    (expected_logits,) = torch.autograd.grad((signal * lat.log_prob_vars(z, logits)).sum(), logits)
+    torch.testing.assert_close(g_logits, expected_logits)
+    torch.testing.assert_close(g_w, expected_w)
+
+
+# -----------------------------------------------------------------------------
+# biased estimators: exact samples forward, their paper's backward
+
+
+@pytest.mark.parametrize("latent", LATENTS)
+@pytest.mark.parametrize("name", HARD_FORWARD)
+def test_forward_is_an_exact_sample_from_q(name, latent):
+    torch.manual_seed(4)
+    problem = Problem(LATENTS[latent]())
+    _, _, z = problem.estimate(ESTIMATORS[name](problem.latent), 20_000, tau=0.5)
+    assert ((z == 0) | (z == 1)).all()
+    if isinstance(problem.latent, Categorical):
+        assert (z.sum(-1) == 1).all()
+    # The sample follows q: the frequency of each value is its probability.
+    assert_unbiased(z, problem.latent.probs(problem.logits))
+
+
+@pytest.mark.parametrize("latent", LATENTS)
+@pytest.mark.parametrize(("name", "tau"), [("straight_through", 0.5), ("slope_annealed_st", 0.5),
+                                           ("slope_annealed_st", 1.0)])
+def test_straight_through_backward_is_the_gradient_through_the_slope(name, tau, latent):
+    # ST: the gradient of f at the exact sample, passed back through p = softmax/sigmoid(logits);
+    # slope-annealed ST: through softmax/sigmoid(logits / tau), so at tau = 1 the two agree.
+    torch.manual_seed(5)
+    problem = Problem(LATENTS[latent]())
+    g_logits, g_w, z = problem.estimate(ESTIMATORS[name](problem.latent), 64, tau=tau)
+    slope = 1.0 / tau if name == "slope_annealed_st" else 1.0
+    expected_logits, expected_w = grad_through(
+        lambda lg: problem.latent.probs(lg * slope), problem.logits.expand_as(z), problem, z)
+    torch.testing.assert_close(g_logits, expected_logits)
+    torch.testing.assert_close(g_w, expected_w)
+    if slope != 1.0:  # the slope makes a difference
+        plain, _ = grad_through(problem.latent.probs, problem.logits.expand_as(z), problem, z)
+        assert not torch.allclose(g_logits, plain)
+
+
+@pytest.mark.parametrize("latent", LATENTS)
+def test_st_gumbel_softmax_forward_is_the_hard_sample_and_backward_the_relaxed_gradient(latent):
+    problem = Problem(LATENTS[latent]())
+    logits = problem.logits.expand(64, *problem.latent.shape)
+    torch.manual_seed(6)
+    noise = problem.latent.noise(logits)
+    torch.manual_seed(6)  # the estimator draws the same noise
+    g_logits, g_w, z = problem.estimate(ESTIMATORS["st_gumbel_softmax"](problem.latent), 64, tau=0.5)
+    assert torch.equal(z, problem.latent.harden(logits + noise))
+    expected_logits, expected_w = grad_through(
+        lambda lg: problem.latent.relax(lg + noise, 0.5), logits, problem, z)
+    torch.testing.assert_close(g_logits, expected_logits)
+    torch.testing.assert_close(g_w, expected_w)
+
+
+# -----------------------------------------------------------------------------
+# baseline and normalization state
+
+
+def test_baseline_and_scale_come_from_the_previous_batches_then_update():
+    estimator = ESTIMATORS["score_function"](LATENTS["categorical"](), decay=0.8, min_var=1.0)
+    signal, scale = estimator.centre(torch.tensor([10.0, 14.0]))  # mean 12, variance 4
+    # No history: centred and scaled by the batch itself.
+    torch.testing.assert_close(signal, torch.tensor([-2.0, 2.0]))
+    torch.testing.assert_close(scale, torch.tensor(0.5))
+    signal, scale = estimator.centre(torch.tensor([20.0, 20.0]))  # mean 20, variance 0
+    # Centred by the average before this batch (12), scaled by its variance (4).
+    torch.testing.assert_close(signal, torch.tensor([8.0, 8.0]))
+    torch.testing.assert_close(scale, torch.tensor(0.5))
+    torch.testing.assert_close(estimator.mean, torch.tensor(0.8 * 12 + 0.2 * 20))
+    torch.testing.assert_close(estimator.var, torch.tensor(0.8 * 4 + 0.2 * 0))
+
+
+@pytest.mark.parametrize("latent", MODELS)
+@pytest.mark.parametrize("name", ["score_function", "darn", "muprop"])
+def test_normalization_scales_the_kl_gradient_of_the_encoder_too(name, latent):
+    # Mnih & Gregor normalize a learning signal that includes the KL terms: the encoder's whole
+    # gradient is scaled. Here: f = 0 leaves only the analytic KL, whose gradient must come out
+    # multiplied by the scale (per variable for DARN), and the decoder's gradient untouched.
+    cfg = compose_config([*MODELS[latent], "model.hidden=[16]", f"estimator={name}"])
+    model = VAE(cfg.model)
+    estimator = build_estimator(cfg.estimator, model.latent)
+    scale = fixed_normalization(estimator, baseline=0.0, var=16.0)
+    logits = torch.randn(5, *model.latent.shape, requires_grad=True)
+    (kl_grad,) = torch.autograd.grad(model.latent.kl(logits, model.prior_logits).mean(), logits)
+    surrogate, _ = estimator(logits, torch.tensor(1.0), lambda z: 0.0 * model.latent.flatten(z).sum(-1))
+    kl = model.latent.kl(logits, model.prior_logits)
+    (grad,) = torch.autograd.grad((surrogate + kl).mean(), logits)
+    torch.testing.assert_close(grad, scale * kl_grad)
+
+
+def test_bad_estimator_option_fails_naming_the_key():
+    with pytest.raises(ConfigError, match="estimator.decay"):
+        build_estimator({"name": "muprop", "decay": 1.5}, LATENTS["bernoulli"]())
+    with pytest.raises(ValueError, match="estimator.slope"):
+        build_estimator({"name": "straight_through", "slope": 2.0}, LATENTS["bernoulli"]())
+
+
+# -----------------------------------------------------------------------------
+# every estimator in the real objective and trainer
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fail on any op that copies a tensor value to the host (.item(), bool(tensor), `if tensor`)."""
+
+    HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+                  torch.ops.aten.is_nonzero.default)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.HOST_READS:
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+
+@pytest.mark.parametrize("latent", MODELS)
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_estimator_trains_the_vae_without_host_reads(name, latent):
+    torch.manual_seed(7)
+    cfg = compose_config([*MODELS[latent], "model.hidden=[16]", f"estimator={name}"])
+    model = VAE(cfg.model)
+    estimator = build_estimator(cfg.estimator, model.latent)
+    x = (torch.rand(8, 784) < 0.3).float()
+    with NoHostReads():
+        for _ in range(2):  # the second call uses the moving averages of the first
+            model.zero_grad()
+            loss, parts = training_loss(model, estimator, x, torch.tensor(0.7))
+            loss.backward()
+    assert loss.isfinite() and parts.isfinite().all()
+    for part in (model.encoder, model.decoder):
+        grads = torch.cat([p.grad.flatten() for p in part.parameters()])
+        assert grads.isfinite().all() and grads.abs().sum() > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("latent", MODELS)
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_estimator_runs_in_the_trainer(name, latent, mnist_root, tmp_path: Path):
+    # Images on: the traversal grid must work for binary codes too.
+    cfg = compose_config([*TINY, *MODELS[latent], "model.hidden=[32]", f"estimator={name}",
+                          "train.max_steps=20", "train.eval_every=10", "eval.images=true"])
+    metrics = train(cfg, tmp_path)
+    assert metrics["status"] == "complete" and metrics["step"] == 20
+    assert all(math.isfinite(metrics[k]) for k in ("val_nelbo_best", "test_nelbo", "test_bound"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("latent", MODELS)
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_estimator_runs_in_a_captured_cuda_step(name, latent, mnist_root):
+    cfg = compose_config([*TINY, *MODELS[latent], f"estimator={name}", "device=cuda", "train.compile=graph"])
+    run = build_training(cfg)
+    parts = torch.stack([run.step(run.sampler.next(), run.tau) for _ in range(5)])
+    assert parts.isfinite().all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["score_function", "darn", "muprop"])
+def test_compiled_step_matches_eager_step(name, mnist_root):
+    # These estimators differentiate inside the step (autograd.grad) and rescale the encoder's
+    # gradient with a hook: torch.compile must neither drop the hook nor reuse a compiled graph's
+    # saved tensors (DARN once got wrong decoder gradients that way).
+    def step_twice(mode: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch._dynamo.reset()
+        cfg = compose_config([*TINY, "model.hidden=[32]", f"estimator={name}", f"train.compile={mode}",
+                              "seed=3", "optim=sgd", "optim.lr=0.01"])
+        run = build_training(cfg)
+        parts = torch.stack([run.step(run.sampler.next(), run.tau) for _ in range(2)])
+        return parts, [p.grad.clone() for p in run.model.parameters()]
+
+    with torch._inductor.config.patch(fallback_random=True):  # the same noise in both
+        eager_parts, eager_grads = step_twice("eager")
+        compiled_parts, compiled_grads = step_twice("compile")
+    torch.testing.assert_close(compiled_parts, eager_parts, rtol=1e-4, atol=1e-3)
+    for compiled, eager in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(compiled, eager, rtol=1e-3, atol=1e-4)
