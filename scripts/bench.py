@@ -29,7 +29,7 @@ from gvae.data import prepare_mnist
 from gvae.estimators import build_estimator
 from gvae.model import VAE
 from gvae.objective import training_loss
-from gvae.step import MODES, build_training
+from gvae.step import CUDA_ONLY_MODES, MODES, build_training
 
 
 def default_config(device: str, batch: int, overrides: list[str]):
@@ -125,7 +125,7 @@ def main() -> None:
     cfg = default_config(args.device, args.batch, args.overrides)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    modes = args.modes or [m for m in MODES[1:] if device.type == "cuda" or m != "graph"]
+    modes = args.modes or [m for m in MODES[1:] if device.type == "cuda" or m not in CUDA_ONLY_MODES]
     results = [time_baseline(cfg.copy(), args.steps, args.warmup)]
     results += [time_gvae(cfg.copy(), mode, args.steps, args.warmup) for mode in modes]
     baseline = results[0]["steps_per_sec"]
