@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig
 
 from gvae.errors import ConfigError
 
@@ -136,6 +136,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "auto"
+
+
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The config `gvae-train <overrides>` would run with, without Hydra's runtime section
+    (for tests and scripts that call the library directly)."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module(config_module="gvae.configs", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides or [])
 
 
 def register_configs() -> None:

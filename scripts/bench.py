@@ -20,22 +20,15 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_module
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from gvae.config import register_configs
+from gvae.config import compose_config
 from gvae.data import prepare_mnist
 from gvae.estimators import build_estimator
 from gvae.model import VAE
 from gvae.objective import training_loss
 from gvae.step import CUDA_ONLY_MODES, MODES, build_training
-
-
-def default_config(device: str, batch: int, overrides: list[str]):
-    register_configs()
-    with initialize_config_module(config_module="gvae.configs", version_base="1.3"):
-        return compose("config", [f"device={device}", f"train.batch_size={batch}", *overrides])
 
 
 def sync(device: torch.device) -> None:
@@ -122,7 +115,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for gvae's config")
     args = parser.parse_args()
 
-    cfg = default_config(args.device, args.batch, args.overrides)
+    cfg = compose_config([f"device={args.device}", f"train.batch_size={args.batch}", *args.overrides])
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     modes = args.modes or [m for m in MODES[1:] if device.type == "cuda" or m not in CUDA_ONLY_MODES]

@@ -6,12 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
 
-from gvae.config import register_configs
+from gvae.config import compose_config, register_configs
 
-register_configs()
+__all__ = ["TINY", "compose_config"]  # the tests import these from here
+register_configs()  # for the tests that compose with Hydra's own API
 
 # A run small enough for the 2-core CI machine: few steps, small evaluation.
 TINY = [
@@ -19,12 +18,6 @@ TINY = [
     "train.batch_size=50", "eval.num_samples=4", "eval.batch_size=2000", "eval.max_rows=4000",
     "device=cpu",
 ]
-
-
-def compose_config(overrides: list[str] | None = None) -> DictConfig:
-    """The config `gvae-train <overrides>` would run with (without Hydra's runtime section)."""
-    with initialize_config_module(config_module="gvae.configs", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides or [])
 
 
 @pytest.fixture(scope="session")
