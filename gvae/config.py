@@ -8,8 +8,12 @@ a type cannot express live in `validate`, which runs before anything else.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -138,13 +142,36 @@ class Config:
     device: str = "auto"
 
 
+def config_path() -> str:
+    """Where Hydra finds configs/: the package `gvae.configs` when gvae is installed (configs/
+    ships inside it), else the checkout's own configs/ folder, for a checkout run uninstalled
+    with PYTHONPATH=<checkout> (as on the GPU machine, where nothing is installed)."""
+    if importlib.util.find_spec("gvae.configs") is not None:
+        return "pkg://gvae.configs"
+    return str(Path(__file__).resolve().parent.parent / "configs")
+
+
+@contextmanager
+def hydra_initialized() -> Iterator[None]:
+    """Hydra's compose API pointed at gvae's configs, wherever they are (see config_path)."""
+    from hydra import initialize_config_dir, initialize_config_module
+
+    register_configs()
+    path = config_path()
+    if path.startswith("pkg://"):
+        with initialize_config_module(config_module=path.removeprefix("pkg://"), version_base="1.3"):
+            yield
+    else:
+        with initialize_config_dir(config_dir=path, version_base="1.3"):
+            yield
+
+
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
     """The config `gvae-train <overrides>` would run with, without Hydra's runtime section
     (for tests and scripts that call the library directly)."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose
 
-    register_configs()
-    with initialize_config_module(config_module="gvae.configs", version_base="1.3"):
+    with hydra_initialized():
         return compose(config_name="config", overrides=overrides or [])
 
 

@@ -128,7 +128,8 @@ def capture_step(
         static_images.copy_(images)
         static_tau.copy_(tau)
         graph.replay()
-        return static_parts
+        # A copy: the next replay overwrites static_parts, and a caller may keep what it got.
+        return static_parts.clone()
 
     return replay
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gvae.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from gvae.config import register_configs, resolve_device, validate
+from gvae.config import config_path, register_configs, resolve_device, validate
 from gvae.errors import CheckpointError, ConfigError, GvaeError, Interrupted, NonFiniteError
 from gvae.objective import multi_sample_bound, negative_elbo
 from gvae.schedules import temperature
@@ -244,7 +244,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="pkg://gvae.configs", config_name="config")
+@hydra.main(version_base="1.3", config_path=config_path(), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point: train in Hydra's output folder; return the test bound (for sweepers)."""
     hydra_cfg = HydraConfig.get()

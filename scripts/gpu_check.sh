@@ -10,7 +10,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD GVAE_DATA_DIR=$PWD/.gpu/data PYTHONUNBUFFERED=1
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-python3 -m pytest -q -p no:cacheprovider tests/test_step.py 2>&1 | tee "$OUT/pytest.log" | tail -3
+PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 python3 -m pytest -q -p no:cacheprovider tests/test_step.py 2>&1 | tee "$OUT/pytest.log" | tail -3
 python3 -m gvae.train train.max_steps="$STEPS" train.eval_every=1000 hydra.run.dir=/tmp/gvae-run 2>&1 \
   | tee "$OUT/train.log" | tail -4
 cp /tmp/gvae-run/metrics.json "$OUT/metrics.json"

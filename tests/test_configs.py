@@ -7,13 +7,13 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from hydra import compose, initialize_config_module
+from hydra import compose
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException
 from omegaconf import DictConfig
 
 from gvae import configs
-from gvae.config import validate
+from gvae.config import hydra_initialized, validate
 from gvae.estimators import Estimator, build_estimator
 from gvae.model import VAE
 from gvae.objective import training_loss
@@ -68,7 +68,7 @@ def sweep_overrides() -> list[list[str]]:
     parser = OverridesParser.create()
     cases = []
     for experiment in sorted((CONFIG_DIR / "experiment").glob("*.yaml")):
-        with initialize_config_module(config_module="gvae.configs", version_base="1.3"):
+        with hydra_initialized():
             cfg = compose(config_name="config", overrides=[f"experiment={experiment.stem}"],
                           return_hydra_config=True)
         params = cfg.hydra.sweeper.get("params") or {}

@@ -13,11 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose
 from omegaconf import OmegaConf
 from PIL import Image
 
-from gvae.config import validate
+from gvae.config import hydra_initialized, validate
 from gvae.estimators import ESTIMATORS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_selection_picks_the_best_mean_validation_setting_and_reports_its_seeds(
 
 
 def test_paper_sweep_covers_every_estimator_and_searches_annealing_only_with_a_temperature(tmp_path):
-    with initialize_config_module(config_module="gvae.configs", version_base="1.3"):
+    with hydra_initialized():
         cfg = compose("config", ["experiment=paper_sweep"], return_hydra_config=True)
         (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml(cfg))
         jobs = paper_table.expected_jobs(tmp_path)
