@@ -49,7 +49,8 @@ class Latent:
         raise NotImplementedError
 
     def log_prob(self, z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """log q(z) summed over variables: shape (B,)."""
+        """log q(z) summed over variables: shape (B,). `logits` broadcasts against `z`, so codes
+        of shape (m, B, ...) take one set of logits (B, ...) or the prior's (...)."""
         raise NotImplementedError
 
     def kl(self, logits: torch.Tensor, prior_logits: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,8 @@ class Bernoulli(Latent):
         return torch.sigmoid(logits)
 
     def log_prob(self, z, logits):
-        return -F.binary_cross_entropy_with_logits(logits, z, reduction="none").sum(dim=-1)
+        # z log sigmoid(l) + (1 - z) log sigmoid(-l) = z l - softplus(l), written to broadcast.
+        return (z * logits - F.softplus(logits)).sum(dim=-1)
 
     def kl(self, logits, prior_logits):
         q = torch.sigmoid(logits)

@@ -13,8 +13,18 @@ from gvae.model import VAE
 
 
 def recon_nll(pixel_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Bernoulli negative log-likelihood summed over pixels: shape (B,)."""
-    return F.binary_cross_entropy_with_logits(pixel_logits.float(), x, reduction="none").sum(-1)
+    """Bernoulli negative log-likelihood summed over pixels, -log p(x | l) = sum_i softplus(l_i) - x_i l_i.
+
+    `x` may lack leading sample dimensions of `pixel_logits` (m samples per image). Then the
+    formula is written out so that x broadcasts without being copied, with x . l as one batched
+    product (on this 2-core CPU: 0.21 s against 0.38 s for the broadcast binary_cross_entropy,
+    for 1000 samples of 50 images); for equal shapes (training) binary_cross_entropy_with_logits
+    is the fastest (0.44 ms against 0.65 ms forward and backward, batch 100).
+    """
+    pixel_logits = pixel_logits.float()
+    if pixel_logits.shape == x.shape:
+        return F.binary_cross_entropy_with_logits(pixel_logits, x, reduction="none").sum(-1)
+    return F.softplus(pixel_logits).sum(-1) - torch.einsum("...p,...p->...", pixel_logits, x)
 
 
 def training_loss(
@@ -38,21 +48,26 @@ def training_loss(
 def log_weights(
     model: VAE, x: torch.Tensor, num_samples: int, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """log p(x, z_i) - log q(z_i | x) for num_samples exact samples z_i per image: (num_samples, B)."""
+    """log p(x, z_i) - log q(z_i | x) for num_samples exact samples z_i per image: (num_samples, B).
+
+    The latent's log-densities broadcast the samples against each image's logits, so log q is
+    normalised once per image rather than once per sample, and x is never copied.
+    """
     logits = model.encode(x)
-    rep = logits.expand(num_samples, *logits.shape).reshape(-1, *logits.shape[1:])
-    z = model.latent.sample(rep, generator)
-    prior = model.prior_logits.expand_as(rep)
-    pixel_logits = model.decode(z).view(num_samples, *x.shape)
-    log_px_z = -recon_nll(pixel_logits, x.expand_as(pixel_logits)).view(-1)  # a view of x, no copies
-    log_w = log_px_z + model.latent.log_prob(z, prior) - model.latent.log_prob(z, rep)
-    return log_w.view(num_samples, x.shape[0])
+    z = model.latent.sample(logits.expand(num_samples, *logits.shape), generator)  # (m, B, ...)
+    pixel_logits = model.decode(z.reshape(-1, *logits.shape[1:])).view(num_samples, *x.shape)
+    log_px_z = -recon_nll(pixel_logits, x)
+    return log_px_z + model.latent.log_prob(z, model.prior_logits) - model.latent.log_prob(z, logits)
+
+
+Targets = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[int], object] | None  # called with the number of images just done
 
 
 @torch.no_grad()
 def negative_elbo(
-    model: VAE, images: torch.Tensor, targets: Callable[[torch.Tensor], torch.Tensor],
-    batch_size: int, generator: torch.Generator | None = None,
+    model: VAE, images: torch.Tensor, targets: Targets, batch_size: int,
+    generator: torch.Generator | None = None, progress: Progress = None,
 ) -> torch.Tensor:
     """Mean single-sample negative ELBO with exact (one-hot) samples and the analytic KL: a bound.
 
@@ -65,13 +80,31 @@ def negative_elbo(
         z = model.latent.sample(logits, generator)
         nelbo = recon_nll(model.decode(z), x) + model.latent.kl(logits, model.prior_logits)
         total += nelbo.sum()
+        if progress:
+            progress(len(x))
+    return total / len(images)
+
+
+@torch.no_grad()
+def relaxed_negative_elbo(
+    model: VAE, images: torch.Tensor, targets: Targets, batch_size: int, tau: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mean negative ELBO with the decoder fed relaxed samples at temperature tau and the analytic
+    KL of the discrete q. NOT a bound: the relaxed code is not a value of the discrete latent."""
+    total = torch.zeros((), device=images.device)
+    for i in range(0, len(images), batch_size):
+        x = targets(images[i : i + batch_size])
+        logits = model.encode(x)
+        y = model.latent.relax(logits + model.latent.noise(logits, generator), tau)
+        total += (recon_nll(model.decode(y), x) + model.latent.kl(logits, model.prior_logits)).sum()
     return total / len(images)
 
 
 @torch.no_grad()
 def multi_sample_bound(
-    model: VAE, images: torch.Tensor, targets: Callable[[torch.Tensor], torch.Tensor],
-    num_samples: int, max_rows: int, generator: torch.Generator | None = None,
+    model: VAE, images: torch.Tensor, targets: Targets, num_samples: int, max_rows: int,
+    generator: torch.Generator | None = None, progress: Progress = None,
 ) -> torch.Tensor:
     """Mean of -log (1/m) sum_i p(x, z_i) / q(z_i | x) over images, m = num_samples (Burda et al. 2016).
 
@@ -88,4 +121,6 @@ def multi_sample_bound(
             m = min(samples_per_pass, num_samples - done)
             log_sum = torch.logaddexp(log_sum, torch.logsumexp(log_weights(model, x, m, generator), dim=0))
         total -= (log_sum - math.log(num_samples)).sum()
+        if progress:
+            progress(len(x))
     return total / len(images)

@@ -32,13 +32,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from gvae.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from gvae.config import config_path, register_configs, resolve_device, validate
 from gvae.errors import CheckpointError, ConfigError, GvaeError, Interrupted, NonFiniteError
-from gvae.objective import multi_sample_bound, negative_elbo
+from gvae.evaluation import eval_generator, evaluate, split_nelbo
 from gvae.schedules import temperature
 from gvae.step import build_training
 from gvae.summaries import log_config_and_hparams, log_images
 
 log = logging.getLogger(__name__)
-EVAL_SEED = 1234  # evaluation noise is the same at every evaluation: comparable validation curves
 
 
 # -----------------------------------------------------------------------------
@@ -50,11 +49,6 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
-
-
-def eval_generator(device: torch.device) -> torch.Generator:
-    """A fresh generator with a fixed seed for evaluation, apart from the training stream."""
-    return torch.Generator(device=device).manual_seed(EVAL_SEED)
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:
@@ -113,6 +107,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     splits, sampler, model, estimator, optimizer = (
         run.splits, run.sampler, run.model, run.estimator, run.optimizer)
     step, best_val = (state["step"], state["best_val"]) if state else (0, float("inf"))
+    # [step, validation nelbo] at each evaluation: the curve of the paper's Figure 4, kept in the
+    # checkpoint so that a resumed run reports all of it (older checkpoints have none).
+    val_curve: list[list[float]] = [list(p) for p in state.get("val_curve", [])] if state else []
     if state:
         log.info("resumed from %s at step %d", ckpt_path, step)
     # What a divergence corrupts: parameters, and estimator baselines (buffers).
@@ -142,18 +139,17 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         save_checkpoint(ckpt_path, {
             "model": model.state_dict(), "estimator": estimator.state_dict(),
             "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng,
-            "step": step, "best_val": best_val,
+            "step": step, "best_val": best_val, "val_curve": val_curve,
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
         })
         ckpt_step = step
 
     def evaluate_val() -> float:
-        model.eval()
-        val = negative_elbo(model, splits.val, splits.eval_targets, cfg.eval.batch_size,
-                            eval_generator(device)).item()
+        val = split_nelbo(model, splits, "val", cfg.eval)
         if cfg.eval.images:
+            model.eval()
             log_images(writer, model, splits.eval_targets(splits.val[:32]), step, eval_generator(device))
-        model.train()
+            model.train()
         return val
 
     tau, tau_now = run.tau, temperature(cfg.schedule, step)
@@ -199,6 +195,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                     if not math.isfinite(last_val):
                         raise non_finite(f"the validation nelbo is {last_val} at step {step}")
                     best_val = min(best_val, last_val)
+                    val_curve.append([step, last_val])
                     writer.add_scalar("val/nelbo", last_val, step)
                     writer.flush()
                     log.info("step %d  val nelbo %.3f", step, last_val)
@@ -213,23 +210,24 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                     raise Interrupted(f"{name} at step {step}: saved {ckpt_path}; run the same command "
                                       "with train.resume=true to continue", received[0])
 
-        model.eval()
-        test_nelbo = negative_elbo(model, splits.test, splits.eval_targets, cfg.eval.batch_size,
-                                   eval_generator(device)).item()
-        test_bound = multi_sample_bound(model, splits.test, splits.eval_targets, cfg.eval.num_samples,
-                                        cfg.eval.max_rows, eval_generator(device)).item()
+        if not val_curve or val_curve[-1][0] != step:  # resumed from a checkpoint taken at the end
+            val_curve.append([step, split_nelbo(model, splits, "val", cfg.eval)])
+        last_val = val_curve[-1][1]
+        test = evaluate(model, splits, cfg.eval, ("test",), bound=True, progress=True)
+        test_nelbo, test_bound = test["test_nelbo"], test["test_bound"]
         writer.add_scalar("test/nelbo", test_nelbo, step)
         writer.add_scalar("test/bound", test_bound, step)
         metrics = {
-            "status": "complete", "step": step, "val_nelbo_best": best_val, "test_nelbo": test_nelbo,
-            "test_bound": test_bound, "num_samples": cfg.eval.num_samples,
+            "status": "complete", "step": step, "val_nelbo": last_val, "val_nelbo_best": best_val,
+            "test_nelbo": test_nelbo, "test_bound": test_bound, "num_samples": cfg.eval.num_samples,
             "steps_per_sec": steps_this_run / train_seconds if train_seconds else float("nan"),
             "wall_seconds": time.perf_counter() - t_start, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "step_mode": run.mode,
+            "step_mode": run.mode, "val_curve": val_curve,
         }
         log_config_and_hparams(writer, cfg, {
-            "val_nelbo_best": best_val, "test_nelbo": test_nelbo, "test_bound": test_bound})
+            "val_nelbo": last_val, "val_nelbo_best": best_val, "test_nelbo": test_nelbo,
+            "test_bound": test_bound})
         write_json(out_dir / "metrics.json", metrics)
         log.info("test nelbo %.3f, test bound (m=%d) %.3f", test_nelbo, cfg.eval.num_samples, test_bound)
         return metrics
@@ -246,11 +244,12 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path=config_path(), config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point: train in Hydra's output folder; return the test bound (for sweepers)."""
+    """Hydra entry point: train in Hydra's output folder; return the best validation negative
+    ELBO, the figure a sweeper (Optuna, Ax) minimises: selection never sees the test set."""
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        test_bound = train(cfg, out_dir)["test_bound"]
+        val_nelbo_best = train(cfg, out_dir)["val_nelbo_best"]
     except Interrupted as e:
         write_json(out_dir / "failed.json", {"status": "interrupted", "error": str(e)})
         raise SystemExit(128 + e.signum) from None  # a sweep stops too: the machine is going away
@@ -263,7 +262,7 @@ def main(cfg: DictConfig) -> float:
             raise  # Hydra records the failed job and goes on with the others
         raise SystemExit(1) from None
     (out_dir / "failed.json").unlink(missing_ok=True)  # a resumed run that failed before has now finished
-    return test_bound
+    return val_nelbo_best
 
 
 if __name__ == "__main__":
