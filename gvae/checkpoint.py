@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gvae.errors import CheckpointError
+from gvae.files import atomic_write
 
 KEYS = ("model", "estimator", "optimizer", "sampler", "rng", "step", "best_val", "config")
 # The config keys that say what a checkpoint's tensors and random streams mean. The others
@@ -22,13 +22,8 @@ RESUMABLE_KEYS = ("data.root", "data.download")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file, flush it to disk, then rename: a kill mid-save leaves the old file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write atomically: a kill mid-save leaves the previous checkpoint."""
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

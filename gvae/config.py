@@ -126,6 +126,7 @@ class EvalConfig:
     batch_size: int = 1000
     max_rows: int = 250_000
     images: bool = True
+    relaxed: bool = False  # gvae-eval: also the relaxed-sample test loss (not a bound)
 
 
 @dataclass

@@ -13,13 +13,28 @@ the training random stream is untouched.
 
 from __future__ import annotations
 
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
 import torch
+from omegaconf import OmegaConf
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from gvae.config import EvalConfig
-from gvae.data import Splits
+from gvae.config import EvalConfig, resolve_device
+from gvae.data import Splits, load_splits
+from gvae.errors import ConfigError, GvaeError
+from gvae.files import write_json
 from gvae.model import VAE
 from gvae.objective import multi_sample_bound, negative_elbo, relaxed_negative_elbo
+from gvae.runs import find_runs, load_model, read_json, run_config, unfinished
+from gvae.schedules import temperature
+
+log = logging.getLogger(__name__)
 
 EVAL_SEED = 1234
 
@@ -68,3 +83,90 @@ def evaluate(
         return figures
     finally:
         model.train()
+
+
+# -----------------------------------------------------------------------------
+# gvae-eval: evaluate finished runs from their folders
+
+EVAL_KEYS = ("eval", "device", "data.root")  # what gvae-eval may change; the rest defines the run
+
+
+def evaluate_run(run_dir: Path, overrides: list[str], force: bool = False) -> dict[str, Any] | str:
+    """Evaluate one finished run and write eval.json and TensorBoard scalars into its folder.
+    Returns the record, or a string saying why the run was skipped."""
+    cfg = run_config(run_dir, overrides, EVAL_KEYS)
+    if why := unfinished(run_dir):
+        return why
+    eval_settings = OmegaConf.to_container(cfg.eval)
+    previous = read_json(run_dir / "eval.json")
+    device = resolve_device(cfg.device)
+    model, step = load_model(run_dir, cfg, device)
+    if not force and previous and previous.get("step") == step and previous.get("eval") == eval_settings:
+        return "already evaluated with these settings (eval.json; --force evaluates again)"
+    log.info("%s: step %d, m = %d, on %s", run_dir, step, cfg.eval.num_samples, device)
+    t0 = time.perf_counter()
+    splits = load_splits(cfg.data, device)
+    tau = temperature(cfg.schedule, step) if cfg.eval.relaxed else None
+    figures = evaluate(model, splits, cfg.eval, ("val", "test"), bound=True, relaxed_tau=tau, progress=True)
+    record = {
+        "step": step, **figures, "num_samples": cfg.eval.num_samples,
+        **({"relaxed_tau": tau} if tau is not None else {}),
+        "eval": eval_settings, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    write_json(run_dir / "eval.json", record)
+    with SummaryWriter(str(run_dir)) as writer:  # beside the training events: one run in TensorBoard
+        writer.add_scalar("eval/val_nelbo", figures["val_nelbo"], step)
+        writer.add_scalar("eval/test_nelbo", figures["test_nelbo"], step)
+        writer.add_scalar(f"eval/test_bound_m{cfg.eval.num_samples}", figures["test_bound"], step)
+        if tau is not None:
+            writer.add_scalar("eval/test_relaxed_nelbo_not_a_bound", figures["test_relaxed_nelbo"], step)
+    return record
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="gvae-eval",
+        description="Evaluate finished gvae runs from their folders: validation and test negative "
+        "ELBO and the m-sample test bound, with each run's own config and checkpoint. Writes "
+        "eval.json in each run folder (metrics.json stays as training wrote it) and eval/* scalars "
+        "to its TensorBoard events.",
+        epilog="examples:\n  gvae-eval outputs/runs/2026-11-28/10-00-00\n"
+        "  gvae-eval outputs/multirun/2026-11-28/10-00-00 eval.num_samples=1000 device=cpu\n"
+        "  gvae-eval RUN eval.relaxed=true   # also the relaxed-sample test loss (not a bound)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("items", nargs="+", metavar="RUN_OR_SWEEP | key=value",
+                        help=f"run folders, sweep folders (every job in them), and overrides of {EVAL_KEYS}")
+    parser.add_argument("--force", action="store_true", help="evaluate runs that eval.json says are done")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    overrides = [a for a in args.items if "=" in a]
+    paths = [Path(a) for a in args.items if "=" not in a]
+    try:
+        runs = find_runs(paths)
+    except GvaeError as e:
+        log.error("error: %s", e)
+        return 1
+    skipped = 0
+    for i, run_dir in enumerate(runs, 1):
+        try:
+            result = evaluate_run(run_dir, overrides, args.force)
+        except ConfigError as e:  # the same for every run: stop
+            log.error("error: %s", e)
+            return 1
+        except GvaeError as e:
+            result = f"error: {e}"
+        if isinstance(result, str):
+            skipped += not result.startswith("already")
+            log.warning("[%d/%d] %s skipped: %s", i, len(runs), run_dir, result)
+        else:
+            log.info("[%d/%d] %s: val -ELBO %.2f, test -ELBO %.2f, test bound (m=%d) %.2f", i, len(runs),
+                     run_dir, result["val_nelbo"], result["test_nelbo"], result["num_samples"],
+                     result["test_bound"])
+    return 1 if skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import threading
 import time
@@ -33,6 +32,7 @@ from gvae.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from gvae.config import config_path, register_configs, resolve_device, validate
 from gvae.errors import CheckpointError, ConfigError, GvaeError, Interrupted, NonFiniteError
 from gvae.evaluation import eval_generator, evaluate, split_nelbo
+from gvae.files import write_json
 from gvae.schedules import temperature
 from gvae.step import build_training
 from gvae.summaries import log_config_and_hparams, log_images
@@ -42,13 +42,6 @@ log = logging.getLogger(__name__)
 
 # -----------------------------------------------------------------------------
 # helpers
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON atomically, so a reader never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def all_finite(*tensors: torch.Tensor) -> bool:

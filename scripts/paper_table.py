@@ -1,18 +1,23 @@
-"""The paper's Table 1 (VAE rows) and Figure 4 from a sweep, beside the paper's numbers.
+"""The paper's Table 1 (VAE rows) and Figure 4 from sweeps, beside the paper's numbers.
 
-    gvae-train -m experiment=paper_sweep
-    python scripts/paper_table.py outputs/multirun/DATE/TIME --out docs/results
+    gvae-train -m experiment=cpu_table                                  # or paper_sweep
+    python scripts/paper_table.py chosen outputs/multirun/cpu_table | xargs gvae-eval eval.num_samples=1000
+    python scripts/paper_table.py record outputs/multirun/cpu_table --out docs/results/cpu_table
+    python scripts/paper_table.py render docs/results/cpu_table          # again, from the record alone
 
-Reads every job folder of a Hydra multirun (.hydra/config.yaml, .hydra/overrides.yaml,
-metrics.json, the TensorBoard events), groups the runs by (latent type, estimator) and, in each
-group, picks the setting (a job's overrides other than the seed) with the best mean validation
-negative ELBO over seeds, as the paper picked hyperparameters on validation. Writes
-results.md (the test bound of that setting, mean ± std over its seeds, beside the paper's
-number, with the chosen hyperparameters) and figure.png (validation negative ELBO against
-steps per estimator, with the final test negative ELBO, as the paper's Figure 4).
+`record` reads every job folder of one or more Hydra multiruns (.hydra/, metrics.json, eval.json,
+failed.json) into DIR/jobs.json, a compact record of every job (overrides, run-defining config,
+status, final figures, validation curve) that belongs in git, then renders it if it is complete.
+`render` writes DIR/results.md and DIR/figure.png from jobs.json (and DIR/notes.md, the
+protocol's hand-written notes, when present) and nothing else, so it regenerates results.md
+byte for byte. `chosen` prints the run folders of each cell's chosen setting: those that need
+the m = 1000 bound.
 
-Exits with status 1, naming the job folders, when any job of the sweep is missing or did not
-complete: a partial average is never reported as if it were complete.
+Selection never sees the test set: in each cell (latent type, estimator) the setting (a job's
+overrides other than the seed) with the best mean final validation negative ELBO over its seeds
+is chosen, among settings whose seeds all completed; test figures are read for that setting only.
+A cell is reported only when every job of the sweeps has finished (or failed, which is shown):
+a partial average is never reported as if it were complete.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import argparse
 import dataclasses
 import itertools
 import json
-import math
+import re
 import shlex
 import statistics
 import sys
@@ -33,8 +38,10 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from gvae.config import Config
+from gvae.files import atomic_write, write_json
 
-# Table 1 of Jang et al. (2017), VAE rows: test negative ELBO in nats, m = 1000.
+# Table 1 of Jang et al. (2017), VAE rows: "negative variational lower bounds (nats)" on the test
+# set, m = 1000 (which bound, see docs/results/*/results.md).
 COLUMNS = {  # estimator: the paper's column name, in the paper's order
     "score_function": "SF",
     "darn": "DARN",
@@ -49,26 +56,42 @@ PAPER = {
     "categorical (20x10)": [110.6, 128.8, 107.0, 110.9, 107.8, 101.5, 107.8],
 }
 PAPER_TABLE = {(latent, est): v for latent, row in PAPER.items() for est, v in zip(COLUMNS, row, strict=True)}
-METRIC_KEYS = ("status", "step", "val_nelbo_best", "test_nelbo", "test_bound", "num_samples")
+# Overrides that do not change what a job computes: not part of its setting.
+NOT_SETTING = ("seed", "train.resume", "train.compile", "device", "data.root", "data.download", "eval",
+               "hydra")
+# Config keys that say what a run computes (the rest: cadences, evaluation, where data lives).
+RUN_KEYS = ("data", "model", "estimator", "schedule", "optim", "seed", "train.batch_size",
+            "train.max_steps", "train.precision")
+METRICS = ("step", "val_nelbo", "val_nelbo_best", "test_nelbo", "test_bound", "num_samples",
+           "steps_per_sec", "wall_seconds", "device_name")
+EVAL = ("step", "val_nelbo", "test_nelbo", "test_bound", "num_samples", "test_relaxed_nelbo",
+        "relaxed_tau", "wall_seconds", "device_name")
+FINAL = ("complete", "failed")  # statuses a table can be made with
 
 
-class IncompleteSweep(Exception):
-    """Some jobs of the sweep are missing or did not complete; the message names them."""
-
-
-@dataclasses.dataclass
-class Run:
-    folder: Path
-    setting: tuple[str, ...]  # the job's overrides other than the seed
-    seed: int
-    latent: str  # e.g. "categorical (20x10)"
-    estimator: str
-    config: dict[str, Any]  # resolved, flattened: {"optim.lr": 0.001, ...}
-    metrics: dict[str, Any]
+class TableError(Exception):
+    """The sweeps or the record cannot make a table; the message names the jobs and why."""
 
 
 # -----------------------------------------------------------------------------
-# reading a sweep
+# reading sweeps into a record
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    return {k: v for key, child in node.items() for k, v in flatten(child, f"{prefix}{key}.").items()}
+
+
+def latent_label(flat: dict[str, Any]) -> str:
+    if flat["model.latent"] == "bernoulli":
+        return f"Bernoulli ({flat['model.num_vars']})"
+    return f"categorical ({flat['model.num_vars']}x{flat['model.num_classes']})"
+
+
+def in_setting(override: str) -> bool:
+    key = override.lstrip("+~").split("=", 1)[0]
+    return not any(key == k or key.startswith(k + ".") for k in NOT_SETTING)
 
 
 def expected_jobs(sweep_dir: Path) -> list[frozenset[str]]:
@@ -76,7 +99,7 @@ def expected_jobs(sweep_dir: Path) -> list[frozenset[str]]:
     basic sweeper forms it from hydra.sweeper.params and the command line (which wins per key)."""
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():
-        raise IncompleteSweep(f"{path} is missing: not the folder of a Hydra multirun")
+        raise TableError(f"{path} is missing: {sweep_dir} is not the folder of a Hydra multirun")
     hydra_cfg = OmegaConf.load(path).hydra
     params = [f"{k}={v}" for k, v in (hydra_cfg.sweeper.params or {}).items()]
     by_key: dict[str, list[str]] = {}
@@ -89,72 +112,67 @@ def expected_jobs(sweep_dir: Path) -> list[frozenset[str]]:
     return [frozenset(job) for job in itertools.product(*by_key.values())]
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    return {k: v for key, child in node.items() for k, v in flatten(child, f"{prefix}{key}.").items()}
+def read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError as e:
+        raise TableError(f"{path} is not valid JSON ({e})") from e
 
 
-def latent_label(model: dict[str, Any]) -> str:
-    if model["latent"] == "bernoulli":
-        return f"Bernoulli ({model['num_vars']})"
-    return f"categorical ({model['num_vars']}x{model['num_classes']})"
+def job_status(folder: Path) -> tuple[str, str | None]:
+    """(status, error): complete, failed, interrupted or unfinished."""
+    failed = read_json(folder / "failed.json")
+    if failed is not None:
+        status = "interrupted" if failed.get("status") == "interrupted" else "failed"
+        return status, failed.get("error", "no message")
+    metrics = read_json(folder / "metrics.json")
+    if metrics is None or metrics.get("status") != "complete":
+        return "unfinished", "no complete metrics.json (crashed, killed or still running)"
+    return "complete", None
 
 
-def problem(folder: Path) -> str | None:
-    """Why this job folder holds no complete run, or None."""
-    failed = folder / "failed.json"
-    if failed.is_file():
-        return f"failed: {json.loads(failed.read_text()).get('error', 'no message')}"
-    metrics = folder / "metrics.json"
-    if not metrics.is_file():
-        return "no metrics.json (crashed, killed or still running)"
-    data = json.loads(metrics.read_text())
-    missing = [k for k in METRIC_KEYS if k not in data]
-    if missing or data["status"] != "complete":
-        return f"incomplete metrics.json (status {data.get('status')!r}, missing {missing})"
-    if not all(math.isfinite(data[k]) for k in ("val_nelbo_best", "test_nelbo", "test_bound")):
-        return "non-finite metrics"
-    return None
+def _natural(text: str) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def load_runs(sweep_dir: Path) -> list[Run]:
-    """Every job of the sweep; IncompleteSweep naming each missing or incomplete job."""
-    expected = expected_jobs(sweep_dir)
-    folders = sorted((p.parent.parent for p in sweep_dir.glob("**/.hydra/config.yaml")), key=str)
-    found = {frozenset(OmegaConf.load(f / ".hydra" / "overrides.yaml")): f for f in folders}
-    errors = [f"{f}: {why}" for f in folders if (why := problem(f))]
-    errors += [f"missing job: {' '.join(sorted(job))}" for job in expected if job not in found]
-    if errors:
-        raise IncompleteSweep(
-            f"{len(errors)} of {len(expected)} jobs in {sweep_dir} are missing or incomplete; "
-            "no table from a partial sweep:\n  " + "\n  ".join(errors)
-        )
-    runs = []
-    for overrides, folder in found.items():
-        cfg = OmegaConf.load(folder / ".hydra" / "config.yaml")
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-        runs.append(Run(
-            folder=folder,
-            setting=tuple(sorted(o for o in overrides if not o.startswith("seed="))),
-            seed=cfg["seed"], latent=latent_label(cfg["model"]), estimator=cfg["estimator"]["name"],
-            # Only the trainer's own keys: a sweep may add helper keys (paper_sweep's +row).
-            config=flatten({k: cfg[k] for k in (f.name for f in dataclasses.fields(Config))}),
-            metrics=json.loads((folder / "metrics.json").read_text()),
-        ))
-    return runs
+def job_record(folder: Path, sweep_name: str, sweep_dir: Path) -> dict[str, Any]:
+    overrides = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
+    cfg = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=True)
+    # Only the trainer's own keys: a sweep may add helper keys (paper_sweep's +row).
+    flat = flatten({f.name: cfg[f.name] for f in dataclasses.fields(Config) if f.name in cfg})
+    status, error = job_status(folder)
+    metrics = read_json(folder / "metrics.json") if status == "complete" else None
+    evaluation = read_json(folder / "eval.json") if status == "complete" else None
+    return {
+        "job": f"{sweep_name}/{folder.relative_to(sweep_dir).as_posix()}",
+        "latent": latent_label(flat), "estimator": flat["estimator.name"], "seed": flat["seed"],
+        "setting": sorted(o for o in overrides if in_setting(o)),
+        "config": {k: v for k, v in sorted(flat.items())
+                   if any(k == r or k.startswith(r + ".") for r in RUN_KEYS)},
+        "status": status, "error": error,
+        "metrics": {k: metrics.get(k) for k in METRICS} if metrics else None,
+        "eval": {k: evaluation[k] for k in EVAL if k in evaluation} if evaluation else None,
+        "val_curve": metrics.get("val_curve") if metrics else None,
+    }
 
 
-def validation_curve(folder: Path) -> tuple[list[int], list[float]]:
-    """The val/nelbo scalars of a run's event files: (steps, values)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 1})
-    events.Reload()
-    if "val/nelbo" not in events.Tags()["scalars"]:
-        raise IncompleteSweep(f"{folder}: no val/nelbo scalars in its event files")
-    points = events.Scalars("val/nelbo")
-    return [p.step for p in points], [p.value for p in points]
+def read_sweeps(sweep_dirs: list[Path]) -> dict[str, Any]:
+    """The record of every job of the sweeps: found folders, and expected jobs with no folder."""
+    sweeps, jobs = [], []
+    for sweep_dir in sweep_dirs:
+        name = sweep_dir.name
+        expected = expected_jobs(sweep_dir)
+        folders = sorted((p.parent.parent for p in sweep_dir.glob("**/.hydra/config.yaml")),
+                         key=lambda p: _natural(str(p)))
+        found = {frozenset(map(str, OmegaConf.load(f / ".hydra" / "overrides.yaml"))): f for f in folders}
+        task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
+        sweeps.append({"name": name, "command": shlex.join(["gvae-train", "-m", *task]),
+                       "jobs": len(expected)})
+        jobs += [job_record(f, name, sweep_dir) for f in folders]
+        jobs += [{"job": f"{name}/(not started)", "setting": sorted(o for o in job if in_setting(o)),
+                  "overrides": sorted(job), "status": "missing", "error": "no job folder"}
+                 for job in expected if job not in found]
+    return {"sweeps": sweeps, "jobs": jobs}
 
 
 # -----------------------------------------------------------------------------
@@ -162,136 +180,291 @@ def validation_curve(folder: Path) -> tuple[list[int], list[float]]:
 
 
 @dataclasses.dataclass
-class Row:
+class Cell:
     latent: str
     estimator: str
-    runs: list[Run]  # the chosen setting's runs, one per seed
-    chosen: dict[str, Any]  # its hyperparameters that were searched
+    settings: dict[tuple[str, ...], list[dict]]  # every setting's jobs
+    chosen: tuple[str, ...] | None  # the setting picked on validation, None if every one failed
 
-    def mean(self, key: str) -> float:
-        return statistics.fmean(r.metrics[key] for r in self.runs)
+    @property
+    def runs(self) -> list[dict]:
+        return sorted(self.settings[self.chosen], key=lambda j: j["seed"]) if self.chosen else []
 
-    def std(self, key: str) -> float:
-        return statistics.stdev(r.metrics[key] for r in self.runs) if len(self.runs) > 1 else float("nan")
+    def searched_keys(self) -> list[str]:
+        """The config keys whose values differ between this cell's settings."""
+        configs = [jobs[0]["config"] for jobs in self.settings.values()]
+        return sorted(k for k in configs[0] if k != "seed" and len({repr(c.get(k)) for c in configs}) > 1)
+
+    def label(self, setting: tuple[str, ...]) -> str:
+        config = self.settings[setting][0]["config"]
+        return ", ".join(f"{k}={config.get(k)}" for k in self.searched_keys()) or "(one setting)"
+
+    def failed_settings(self) -> list[str]:
+        """Each setting with failed seeds, and how many."""
+        out = []
+        for setting, jobs in self.settings.items():
+            if failed := [j for j in jobs if j["status"] != "complete"]:
+                out.append(f"{self.label(setting)} ({len(failed)} of {len(jobs)} seeds)")
+        return out
 
 
-def mean_val(runs: list[Run]) -> float:
-    return statistics.fmean(r.metrics["val_nelbo_best"] for r in runs)
+def mean_val(jobs: list[dict]) -> float:
+    return statistics.fmean(j["metrics"]["val_nelbo"] for j in jobs)
 
 
-def select(runs: list[Run]) -> list[Row]:
-    """Per (latent, estimator): the setting with the best mean validation negative ELBO over seeds."""
-    groups: dict[tuple[str, str], dict[tuple[str, ...], list[Run]]] = defaultdict(lambda: defaultdict(list))
-    for run in runs:
-        groups[run.latent, run.estimator][run.setting].append(run)
-    rows = []
+def select(record: dict[str, Any]) -> list[Cell]:
+    """Per (latent, estimator): the setting with the best mean final validation negative ELBO
+    over its seeds, among the settings whose seeds all completed."""
+    groups: dict[tuple[str, str], dict[tuple[str, ...], list[dict]]] = defaultdict(lambda: defaultdict(list))
+    for job in record["jobs"]:
+        if job["status"] != "missing":  # a job never started has no config to place it by
+            groups[job["latent"], job["estimator"]][tuple(job["setting"])].append(job)
+    cells = []
     for (latent, estimator), settings in groups.items():
-        for setting_runs in settings.values():
-            seeds = [r.seed for r in setting_runs]
+        for jobs in settings.values():
+            seeds = [j["seed"] for j in jobs]
             if len(set(seeds)) != len(seeds):
-                folders = ", ".join(str(r.folder) for r in setting_runs)
-                raise IncompleteSweep(f"the same setting and seed run twice: {folders}")
-        best = min(settings.values(), key=mean_val)
-        # The searched hyperparameters: trainer keys whose value differs between this group's settings.
-        configs = [rs[0].config for rs in settings.values()]
-        searched = sorted(k for k in configs[0] if k != "seed" and len({repr(c.get(k)) for c in configs}) > 1)
-        rows.append(Row(latent, estimator, sorted(best, key=lambda r: r.seed),
-                        {k: best[0].config[k] for k in searched}))
+                raise TableError(f"the same setting and seed ran twice: {', '.join(j['job'] for j in jobs)}")
+        complete = {s: jobs for s, jobs in settings.items() if all(j["status"] == "complete" for j in jobs)}
+        chosen = min(complete, key=lambda s: (mean_val(complete[s]), s)) if complete else None
+        cells.append(Cell(latent, estimator, dict(settings), chosen))
     order = {name: i for i, name in enumerate(COLUMNS)}
-    return sorted(rows, key=lambda r: (r.latent, order.get(r.estimator, len(order)), r.estimator))
+    return sorted(cells, key=lambda c: (c.latent, order.get(c.estimator, len(order)), c.estimator))
+
+
+def check_finished(record: dict[str, Any]) -> None:
+    pending = [j for j in record["jobs"] if j["status"] not in FINAL]
+    if pending:
+        total = len(record["jobs"])
+        raise TableError(
+            f"{len(pending)} of {total} jobs are missing, unfinished or interrupted; no table from a "
+            "partial sweep:\n  " + "\n  ".join(
+                f"{j['job']} ({' '.join(j.get('overrides', j['setting']))}): {j['status']}: {j['error']}"
+                for j in pending))
+
+
+def test_figures(cell: Cell, num_samples: int) -> list[dict]:
+    """The chosen runs' test figures: eval.json with the protocol's m; TableError naming runs without."""
+    missing = [j["job"] for j in cell.runs if not j["eval"] or j["eval"]["num_samples"] != num_samples]
+    if missing:
+        raise TableError(f"{cell.latent} {cell.estimator}: no eval.json with m = {num_samples} in "
+                         f"{', '.join(missing)}; run gvae-eval eval.num_samples={num_samples} on them")
+    return [j["eval"] for j in cell.runs]
 
 
 # -----------------------------------------------------------------------------
 # outputs
 
 
-def one_value(runs: list[Run], key: str) -> str:
-    values = sorted({str(r.metrics.get(key)) for r in runs})
-    return values[0] if len(values) == 1 else "mixed: " + ", ".join(values)
+def mean_std(values: list[float]) -> str:
+    spread = f"{statistics.stdev(values):.2f}" if len(values) > 1 else "—"  # no spread from one seed
+    return f"{statistics.fmean(values):.2f} ± {spread}"
 
 
-def markdown(rows: list[Row], runs: list[Run], sweep_dir: Path, command: str) -> str:
+def one_value(values: list[Any]) -> str:
+    found = sorted({str(v) for v in values})
+    return found[0] if len(found) == 1 else "mixed: " + ", ".join(found)
+
+
+def ranks(values: dict[str, float]) -> dict[str, int]:
+    return {k: i for i, k in enumerate(sorted(values, key=lambda k: (values[k], k)), 1)}
+
+
+def name(cell: Cell) -> str:
+    return COLUMNS.get(cell.estimator, cell.estimator)
+
+
+def markdown(record: dict[str, Any], cells: list[Cell], notes: str) -> str:
+    m = record["num_samples"]
+    jobs = record["jobs"]
+    complete = [j for j in jobs if j["status"] == "complete"]
+    figures = {id(c): test_figures(c, m) for c in cells if c.chosen}  # test figures of chosen runs only
+    train_hours = sum(j["metrics"]["wall_seconds"] for j in complete) / 3600
+    eval_hours = sum(j["eval"]["wall_seconds"] for j in complete if j["eval"]) / 3600
+    steps = one_value(j["metrics"]["step"] for j in complete)
+    devices = one_value(j["metrics"]["device_name"] for j in complete)
+    sweeps = "; ".join(f"`{s['command']}` ({s['jobs']} jobs, folder `{s['name']}`)" for s in record["sweeps"])
     lines = [
-        "# Table 1 (VAE rows): test negative ELBO, gvae beside the paper",
+        f"# {record['title']}",
         "",
-        f"Sweep `{sweep_dir}`: {len(runs)} runs, all complete. Command: `{command}`.",
-        f"Trained {one_value(runs, 'step')} steps on {one_value(runs, 'device_name')}.",
+        "Generated by `python scripts/paper_table.py render` from `jobs.json` (every job's record) and "
+        "`notes.md`; do not edit by hand.",
         "",
-        "gvae: the test bound -log (1/m) Σ_i p(x, z_i) / q(z_i | x) with "
-        f"m = {one_value(runs, 'num_samples')} (the paper: m = 1000), mean ± std over the seeds (n) "
-        "of the setting with the best mean validation negative ELBO (val, the best over training). "
-        "Paper: Jang et al. (2017), Table 1, quoted only where the latent has the paper's size. "
-        "Nats, lower is better.",
+        f"Sweeps: {sweeps}. {len(jobs)} jobs: {len(complete)} complete, {len(jobs) - len(complete)} failed. "
+        f"Trained {steps} steps on {devices}; compute: {train_hours:.1f} h of training and "
+        f"{eval_hours:.1f} h of evaluation (each run's wall time, summed).",
         "",
-        "| latent | estimator | paper | gvae | n | val | chosen on validation |",
-        "|---|---|---|---|---|---|---|",
+        "## Test figures beside the paper",
+        "",
+        "Per cell, the setting with the best mean final validation -ELBO over its seeds (val), chosen "
+        "without looking at test figures; then its seeds' test figures, mean ± std over n seeds, with "
+        "exact samples and the analytic KL: **test -ELBO**, the single-sample negative ELBO, and "
+        f"**test bound**, -log (1/m) Σ p(x, z_i)/q(z_i | x) with m = {m}. Both are upper bounds on "
+        "-log p(x). Paper: Jang et al. (2017), Table 1. Nats, lower is better.",
+        "",
+        f"| latent | estimator | paper | test -ELBO | test bound (m={m}) | n | val -ELBO "
+        "| chosen on validation | failed settings |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in rows:
-        paper = PAPER_TABLE.get((row.latent, row.estimator))
-        chosen = ", ".join(f"{k}={v}" for k, v in row.chosen.items()) or "(one setting)"
-        spread = f"{row.std('test_bound'):.2f}" if len(row.runs) > 1 else "—"  # no spread from one seed
-        lines.append(
-            f"| {row.latent} | {COLUMNS.get(row.estimator, row.estimator)} | "
-            f"{'—' if paper is None else f'{paper:.1f}'} | "
-            f"{row.mean('test_bound'):.2f} ± {spread} | {len(row.runs)} | "
-            f"{row.mean('val_nelbo_best'):.2f} | {chosen} |"
-        )
+    for cell in cells:
+        paper = PAPER_TABLE.get((cell.latent, cell.estimator))
+        head = f"| {cell.latent} | {name(cell)} | {'—' if paper is None else f'{paper:.1f}'} |"
+        failed = "; ".join(cell.failed_settings()) or "—"
+        if cell.chosen is None:
+            lines.append(f"{head} all runs failed | — | 0 | — | — | {failed} |")
+            continue
+        test = figures[id(cell)]
+        val = mean_std([j["metrics"]["val_nelbo"] for j in cell.runs])
+        lines.append(f"{head} {mean_std([f['test_nelbo'] for f in test])} | "
+                     f"{mean_std([f['test_bound'] for f in test])} | {len(test)} | {val} | "
+                     f"{cell.label(cell.chosen)} | {failed} |")
+
+    lines += ["", "## The estimators' order", "",
+              "Rank within each latent type (1 = lowest), by the paper's figure and by ours.", "",
+              "| latent | estimator | paper | gvae test -ELBO | gvae test bound |", "|---|---|---|---|---|"]
+    for latent in sorted({c.latent for c in cells}):
+        done = [c for c in cells if c.latent == latent and c.chosen]
+        paper = ranks({c.estimator: PAPER_TABLE[latent, c.estimator] for c in done
+                       if (latent, c.estimator) in PAPER_TABLE})
+        by = {key: ranks({c.estimator: statistics.fmean(f[key] for f in figures[id(c)]) for c in done})
+              for key in ("test_nelbo", "test_bound")}
+        for c in done:
+            lines.append(f"| {latent} | {name(c)} | {paper.get(c.estimator, '—')} | "
+                         f"{by['test_nelbo'][c.estimator]} | {by['test_bound'][c.estimator]} |")
+
+    relaxed = [c for c in cells if c.chosen and all("test_relaxed_nelbo" in f for f in figures[id(c)])]
+    if relaxed:
+        lines += ["", "## Relaxed-sample test loss (not a bound)", "",
+                  "The decoder fed relaxed samples at the run's final temperature, as "
+                  "ericjang/gumbel-softmax#5 reports the paper's figures were reached. The relaxed code is "
+                  "not a value of the discrete latent, so this is **not** an upper bound on -log p(x).", "",
+                  "| latent | estimator | tau | relaxed test loss | test -ELBO (exact samples) |",
+                  "|---|---|---|---|---|"]
+        for c in relaxed:
+            test = figures[id(c)]
+            lines.append(f"| {c.latent} | {name(c)} | {one_value(f['relaxed_tau'] for f in test)} | "
+                         f"{mean_std([f['test_relaxed_nelbo'] for f in test])} | "
+                         f"{mean_std([f['test_nelbo'] for f in test])} |")
+
+    if notes.strip():
+        lines += ["", notes.strip()]
+
+    lines += ["", "## Every job", "",
+              "Validation figures only: test figures are read for the chosen settings alone.", "",
+              "| job | latent | estimator | setting | seed | status | final val -ELBO | best val -ELBO |",
+              "|---|---|---|---|---|---|---|---|"]
+    for cell in cells:
+        for setting, setting_jobs in cell.settings.items():
+            for j in sorted(setting_jobs, key=lambda j: j["seed"]):
+                if j["status"] == "complete":
+                    metrics = j["metrics"]
+                    status, val = "complete", f"{metrics['val_nelbo']:.2f} | {metrics['val_nelbo_best']:.2f}"
+                else:
+                    status, val = f"{j['status']}: {j['error']}", "— | —"
+                lines.append(f"| {j['job']} | {cell.latent} | {name(cell)} | {cell.label(setting)} | "
+                             f"{j['seed']} | {status} | {val} |")
     return "\n".join(lines) + "\n"
 
 
-def figure(rows: list[Row], path: Path) -> None:
-    """Validation negative ELBO against steps (mean over seeds), one panel per latent type, and the
-    final test negative ELBO as a marker: the paper's Figure 4."""
+def figure(cells: list[Cell], path: Path) -> None:
+    """Validation negative ELBO against steps (mean over the chosen setting's seeds), one panel per
+    latent type, and the final test negative ELBO as a marker: the paper's Figure 4."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    latents = sorted({r.latent for r in rows})
+    latents = sorted({c.latent for c in cells})
     fig, axes = plt.subplots(1, len(latents), figsize=(6 * len(latents), 4.5), squeeze=False)
+    colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(sorted({c.estimator for c in cells}))}
     for ax, latent in zip(axes[0], latents, strict=True):
-        for row in (r for r in rows if r.latent == latent):
-            curves = [validation_curve(run.folder) for run in row.runs]
-            steps = curves[0][0]
-            if any(c[0] != steps for c in curves):
-                raise IncompleteSweep(f"{latent} {row.estimator}: seeds evaluated at different steps")
-            mean = [statistics.fmean(vals) for vals in zip(*(c[1] for c in curves), strict=True)]
-            label = COLUMNS.get(row.estimator, row.estimator)
-            (line,) = ax.plot(steps, mean, label=label)
-            ax.plot([row.runs[0].metrics["step"]], [row.mean("test_nelbo")], "x", color=line.get_color())
+        for cell in (c for c in cells if c.latent == latent and c.chosen):
+            curves = [j["val_curve"] for j in cell.runs]
+            steps = [s for s, _ in curves[0]]
+            if any([s for s, _ in c] != steps for c in curves):
+                raise TableError(f"{latent} {cell.estimator}: seeds evaluated at different steps")
+            mean = [statistics.fmean(v for _, v in points) for points in zip(*curves, strict=True)]
+            color = colors[cell.estimator]
+            ax.plot(steps, mean, label=name(cell), color=color)
+            test = statistics.fmean(j["eval"]["test_nelbo"] if j["eval"] else j["metrics"]["test_nelbo"]
+                                    for j in cell.runs)
+            ax.plot([steps[-1]], [test], "x", color=color)
         ax.set_title(f"{latent}: validation (lines), test (x)")
         ax.set_xlabel("step")
         ax.set_ylabel("negative ELBO (nats)")
+        ax.set_ylim(top=min(ax.get_ylim()[1], 200.0))  # the first evaluations would squash the curves
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
 
 
+def render(out: Path) -> str:
+    """results.md and figure.png in `out` from its jobs.json (and notes.md); returns the markdown."""
+    record = read_json(out / "jobs.json")
+    if record is None:
+        raise TableError(f"{out / 'jobs.json'} does not exist: run `paper_table.py record` first")
+    check_finished(record)
+    cells = select(record)
+    notes_path = out / "notes.md"
+    text = markdown(record, cells, notes_path.read_text() if notes_path.is_file() else "")
+    figure(cells, out / "figure.png")
+    atomic_write(out / "results.md", lambda f: f.write(text.encode()))
+    return text
+
+
+def chosen_folders(sweep_dirs: list[Path]) -> tuple[list[str], list[str]]:
+    """(folders of the chosen settings' runs, cells not ready to choose and why)."""
+    record = read_sweeps(sweep_dirs)
+    by_name = {d.name: d for d in sweep_dirs}
+    if missing := [j for j in record["jobs"] if j["status"] == "missing"]:
+        return [], [f"{len(missing)} jobs not started yet, so no cell's settings are known to be complete"]
+    cells = select(record)
+    folders, waiting = [], []
+    for cell in cells:
+        pending = [j for s in cell.settings.values() for j in s if j["status"] not in FINAL]
+        if pending:
+            waiting.append(f"{cell.latent} {cell.estimator}: {len(pending)} jobs not finished")
+        elif cell.chosen:
+            for j in cell.runs:
+                name, _, rel = j["job"].partition("/")
+                folders.append(str(by_name[name] / rel))
+    return folders, waiting
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("sweep_dir", type=Path, help="the multirun folder (holds multirun.yaml)")
-    parser.add_argument("--out", type=Path, default=Path("docs/results"),
-                        help="where results.md and figure.png go (default: docs/results)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record", help="read sweeps into OUT/jobs.json, then render it if complete")
+    rec.add_argument("sweeps", type=Path, nargs="+", help="multirun folders (each holds multirun.yaml)")
+    rec.add_argument("--out", type=Path, required=True, help="the protocol's results folder")
+    rec.add_argument("--num-samples", type=int, default=1000, help="m of the reported test bound (1000)")
+    rec.add_argument("--title", default="Table 1 (VAE rows): test negative ELBO, gvae beside the paper")
+    ren = sub.add_parser("render", help="results.md and figure.png from OUT/jobs.json")
+    ren.add_argument("out", type=Path)
+    cho = sub.add_parser("chosen", help="print the run folders of each cell's chosen setting")
+    cho.add_argument("sweeps", type=Path, nargs="+")
     args = parser.parse_args(argv)
     try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("figure.png needs matplotlib: pip install -e '.[plot]'", file=sys.stderr)
-        return 1
-    try:
-        runs = load_runs(args.sweep_dir)
-        rows = select(runs)
-        task = OmegaConf.load(args.sweep_dir / "multirun.yaml").hydra.overrides.task
-        table = markdown(rows, runs, args.sweep_dir, shlex.join(["gvae-train", "-m", *task]))
-        args.out.mkdir(parents=True, exist_ok=True)
-        figure(rows, args.out / "figure.png")
-    except IncompleteSweep as e:
+        if args.command == "chosen":
+            folders, waiting = chosen_folders(args.sweeps)
+            for line in waiting:
+                print(f"not chosen yet: {line}", file=sys.stderr)
+            print("\n".join(folders))
+            return 0
+        if args.command == "record":
+            record = {"title": args.title, "num_samples": args.num_samples, **read_sweeps(args.sweeps)}
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_json(args.out / "jobs.json", record)
+            done = sum(j["status"] in FINAL for j in record["jobs"])
+            print(f"wrote {args.out / 'jobs.json'}: {done} of {len(record['jobs'])} jobs finished")
+        text = render(args.out)
+    except TableError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    (args.out / "results.md").write_text(table)
-    print(table)
+    print(text)
     print(f"wrote {args.out / 'results.md'} and {args.out / 'figure.png'}")
     return 0
 

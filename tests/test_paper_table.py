@@ -19,6 +19,7 @@ from PIL import Image
 
 from gvae.config import hydra_initialized, validate
 from gvae.estimators import ESTIMATORS
+from gvae.evaluation import main as gvae_eval
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "paper_table.py"
@@ -27,9 +28,11 @@ paper_table = importlib.util.module_from_spec(spec)
 sys.modules["paper_table"] = paper_table  # dataclasses look their module up by name
 spec.loader.exec_module(paper_table)
 
-# The paper sweep shrunk to 2 rows x 2 seeds: command-line keys replace the sweep's own keys.
+# The paper sweep shrunk to 2 rows x 2 learning rates x 2 seeds: command-line keys replace the
+# sweep's own keys.
+M = 4  # the m of the tiny sweep's bound
 TINY_SWEEP = [
-    "experiment=paper_sweep", "model=categorical", "seed=0,1", "optim.lr=3e-3",
+    "experiment=paper_sweep", "model=categorical", "seed=0,1", "optim.lr=3e-3,1e-3",
     "+row={estimator:gumbel_softmax,every:500,rate:1e-4},{estimator:straight_through}",
     "model.hidden=[32]", "train.max_steps=20", "train.log_every=10", "train.eval_every=10",
     "train.ckpt_every=20", "train.batch_size=50", "eval.num_samples=4", "eval.batch_size=2000",
@@ -37,95 +40,157 @@ TINY_SWEEP = [
 ]
 
 
-def run_table(sweep: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), str(sweep), "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+def table(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def sweep(mnist_root, tmp_path_factory) -> Path:
-    """A real multirun of 4 tiny jobs, started as a user would (in its own folder)."""
+    """A real multirun of 8 tiny jobs (2 rows x 2 learning rates x 2 seeds), started as a user
+    would, and the chosen settings' runs evaluated by gvae-eval, as the README says."""
     work = tmp_path_factory.mktemp("sweep")
     sweep_dir = work / "multirun"
+    env = {**os.environ, "GVAE_DATA_DIR": str(mnist_root)}
     result = subprocess.run(
         [sys.executable, "-m", "gvae.train", "-m", *TINY_SWEEP, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=work, env={**os.environ, "GVAE_DATA_DIR": str(mnist_root)},
-        capture_output=True, text=True, timeout=300,
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
     )
+    assert result.returncode == 0, result.stderr[-3000:]
+    chosen = table("chosen", str(sweep_dir))
+    assert chosen.returncode == 0, chosen.stderr
+    folders = chosen.stdout.split()
+    assert len(folders) == 4  # 2 rows x 2 seeds
+    result = subprocess.run([sys.executable, "-m", "gvae.evaluation", *folders, f"eval.num_samples={M}"],
+                            env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return sweep_dir
 
 
+def job_config(job: Path) -> dict:
+    return OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "config.yaml"), resolve=True)
+
+
 @pytest.mark.slow
-def test_table_has_a_row_per_estimator_with_the_paper_beside_it(sweep, tmp_path):
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
-    assert len(jobs) == 4
-    assert all((j / ".hydra" / "config.yaml").is_file() and (j / "metrics.json").is_file() for j in jobs)
-
-    result = run_table(sweep, tmp_path)
+def test_table_reports_both_test_figures_of_the_setting_chosen_on_validation(sweep, tmp_path):
+    result = table("record", str(sweep), "--out", str(tmp_path), "--num-samples", str(M))
     assert result.returncode == 0, result.stderr
-    table = (tmp_path / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| categorical")]
+    text = (tmp_path / "results.md").read_text()
+    rows = [r for r in text.splitlines() if r.startswith("| categorical (20x10) |") and " ± " in r]
     assert len(rows) == 2
-    # The mean and std over the two seeds of each estimator's test bound, beside Table 1.
-    paper_rows = [("straight_through", "ST", "110.9"), ("gumbel_softmax", "Gumbel-S.", "101.5")]
-    for name, column, paper in paper_rows:
-        bounds = [json.loads((j / "metrics.json").read_text())["test_bound"] for j in jobs
-                  if OmegaConf.load(j / ".hydra" / "config.yaml").row.estimator == name]
-        expected = f"{statistics.fmean(bounds):.2f} ± {statistics.stdev(bounds):.2f} | 2 |"
-        start = f"| categorical (20x10) | {column} | {paper} | {expected}"
-        assert any(r.startswith(start) for r in rows), rows
-    assert "gvae-train -m experiment=paper_sweep" in table
-
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    paper_cells = [("straight_through", "ST", "110.9"), ("gumbel_softmax", "Gumbel-S.", "101.5")]
+    for name, column, paper in paper_cells:
+        mine = [j for j in jobs if job_config(j)["row"]["estimator"] == name]
+        by_lr: dict[float, list[Path]] = {}
+        for j in mine:
+            by_lr.setdefault(job_config(j)["optim"]["lr"], []).append(j)
+        val = {lr: statistics.fmean(json.loads((j / "metrics.json").read_text())["val_nelbo"] for j in js)
+               for lr, js in by_lr.items()}
+        best = min(val, key=val.get)
+        # Only the chosen setting's runs were given an m-sample evaluation, and they are reported.
+        assert all((j / "eval.json").is_file() == (lr == best) for lr, js in by_lr.items() for j in js)
+        evals = [json.loads((j / "eval.json").read_text()) for j in by_lr[best]]
+        nelbo = [e["test_nelbo"] for e in evals]
+        bound = [e["test_bound"] for e in evals]
+        expected = (f"| categorical (20x10) | {column} | {paper} | "
+                    f"{statistics.fmean(nelbo):.2f} ± {statistics.stdev(nelbo):.2f} | "
+                    f"{statistics.fmean(bound):.2f} ± {statistics.stdev(bound):.2f} | 2 | {val[best]:.2f} ± ")
+        assert any(r.startswith(expected) for r in rows), (expected, rows)
+        assert f"optim.lr={best}" in next(r for r in rows if f"| {column} |" in r)
+    assert "gvae-train -m experiment=paper_sweep" in text
+    assert f"test bound (m={M})" in text
     with Image.open(tmp_path / "figure.png") as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 200
 
+    # The record alone regenerates the same results.md.
+    first = text
+    (tmp_path / "results.md").unlink()
+    assert table("render", str(tmp_path)).returncode == 0
+    assert (tmp_path / "results.md").read_text() == first
+
 
 @pytest.mark.slow
-def test_table_refuses_a_sweep_with_a_failed_run(sweep, tmp_path):
+def test_a_failed_run_is_shown_and_its_setting_is_not_chosen(sweep, tmp_path):
     broken = shutil.copytree(sweep, tmp_path / "sweep")
-    (broken / "2" / "metrics.json").unlink()
-    failed = {"status": "failed", "error": "NonFiniteError: nan"}
-    (broken / "2" / "failed.json").write_text(json.dumps(failed))
-    result = run_table(broken, tmp_path / "out")
-    assert result.returncode == 1
-    assert str(broken / "2") in result.stderr and "NonFiniteError" in result.stderr
-    assert not (tmp_path / "out" / "results.md").exists()
+    chosen_st = [j for j in sorted(broken.iterdir()) if j.is_dir() and (j / "eval.json").is_file()
+                 and job_config(j)["row"]["estimator"] == "straight_through"]
+    victim = chosen_st[0]
+    (victim / "metrics.json").unlink()
+    (victim / "failed.json").write_text(json.dumps({"status": "failed", "error": "NonFiniteError: nan"}))
+    # The other learning rate is now chosen: its runs need the bound (the others are skipped as done).
+    assert gvae_eval([*table("chosen", str(broken)).stdout.split(), f"eval.num_samples={M}"]) == 0
+    result = table("record", str(broken), "--out", str(tmp_path / "out"), "--num-samples", str(M))
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "out" / "results.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| categorical (20x10) | ST |"))
+    lr = job_config(victim)["optim"]["lr"]
+    assert f"optim.lr={lr} (1 of 2 seeds)" in row  # shown as failed
+    assert f"| optim.lr={lr} |" not in row  # and not chosen
+    assert "failed: NonFiniteError: nan" in text
 
 
 @pytest.mark.slow
-def test_table_refuses_a_sweep_with_a_missing_run(sweep, tmp_path):
+def test_table_refuses_missing_or_unfinished_jobs_and_runs_without_the_bound(sweep, tmp_path):
     broken = shutil.copytree(sweep, tmp_path / "sweep")
     overrides = OmegaConf.load(broken / "1" / ".hydra" / "overrides.yaml")
     shutil.rmtree(broken / "1")
     (broken / "3" / "metrics.json").write_text('{"status": "running"}')  # a job that never finished
-    result = run_table(broken, tmp_path / "out")
+    result = table("record", str(broken), "--out", str(tmp_path / "out"), "--num-samples", str(M))
     assert result.returncode == 1
-    assert "missing job" in result.stderr and all(o in result.stderr for o in overrides)
-    assert str(broken / "3") in result.stderr
+    assert "(not started)" in result.stderr and all(o in result.stderr for o in overrides)
+    assert f"{broken.name}/3 " in result.stderr and "unfinished" in result.stderr
+    assert (tmp_path / "out" / "jobs.json").is_file()  # the partial record is kept, for resuming
     assert not (tmp_path / "out" / "results.md").exists()
 
-
-def _run(latent: str, estimator: str, setting: tuple[str, ...], seed: int, val: float, test: float):
-    return paper_table.Run(
-        folder=Path(f"{estimator}-{'-'.join(setting)}-{seed}"), setting=setting, seed=seed, latent=latent,
-        estimator=estimator, config={"optim.lr": float(setting[0]), "seed": seed, "model.num_vars": 20},
-        metrics={"val_nelbo_best": val, "test_bound": test},
-    )
+    # Asking for another m than the chosen runs were evaluated with: their folders are named.
+    result = table("record", str(sweep), "--out", str(tmp_path / "m1000"), "--num-samples", "1000")
+    assert result.returncode == 1 and "run gvae-eval eval.num_samples=1000" in result.stderr
+    assert not (tmp_path / "m1000" / "results.md").exists()
 
 
-def test_selection_picks_the_best_mean_validation_setting_and_reports_its_seeds():
-    latent = "categorical (20x10)"
-    runs = [
-        _run(latent, "muprop", ("1e-3",), 0, val=100.0, test=99.0),
-        _run(latent, "muprop", ("1e-3",), 1, val=110.0, test=109.0),  # mean val 105
-        _run(latent, "muprop", ("3e-4",), 0, val=103.0, test=120.0),
-        _run(latent, "muprop", ("3e-4",), 1, val=104.0, test=122.0),  # mean val 103.5: chosen
+def _job(estimator: str, lr: float, seed: int, val: float, test: float | None) -> dict:
+    metrics = {"val_nelbo": val, "val_nelbo_best": val, "step": 10, "wall_seconds": 1.0, "device_name": "cpu"}
+    return {
+        "job": f"s/{estimator}-{lr}-{seed}", "latent": "categorical (20x10)", "estimator": estimator,
+        "seed": seed, "setting": [f"optim.lr={lr}", f"estimator={estimator}"],
+        "config": {"optim.lr": lr, "seed": seed}, "status": "complete", "error": None,
+        "metrics": metrics, "val_curve": [[10, val]],
+        "eval": None if test is None else {"test_nelbo": test + 1, "test_bound": test, "num_samples": 1000,
+                                           "wall_seconds": 1.0},
+    }
+
+
+def test_selection_uses_validation_only_and_never_reads_other_settings_test_figures(tmp_path):
+    jobs = [
+        _job("muprop", 1e-3, 0, val=100.0, test=None),
+        _job("muprop", 1e-3, 1, val=110.0, test=None),  # mean val 105: not chosen, never evaluated
+        _job("muprop", 3e-4, 0, val=103.0, test=120.0),
+        _job("muprop", 3e-4, 1, val=104.0, test=122.0),  # mean val 103.5: chosen
     ]
-    (row,) = paper_table.select(runs)
-    assert row.chosen == {"optim.lr": 3e-4}
-    assert [r.seed for r in row.runs] == [0, 1]
-    assert row.mean("test_bound") == 121.0 and row.std("test_bound") == pytest.approx(2**0.5)
+    sweeps = [{"name": "s", "command": "c", "jobs": 4}]
+    record = {"title": "T", "num_samples": 1000, "sweeps": sweeps, "jobs": jobs}
+    (tmp_path / "jobs.json").write_text(json.dumps(record))
+    (cell,) = paper_table.select(record)
+    assert cell.label(cell.chosen) == "optim.lr=0.0003" and [j["seed"] for j in cell.runs] == [0, 1]
+    text = paper_table.render(tmp_path)
+    row = next(line for line in text.splitlines() if line.startswith("| categorical (20x10) | MuProp |"))
+    assert "| 107.0 | 122.00 ± 1.41 | 121.00 ± 1.41 | 2 | 103.50 ± 0.71 | optim.lr=0.0003 |" in row
+
+
+COMMITTED = sorted((ROOT / "docs" / "results").glob("*/jobs.json"))
+
+
+@pytest.mark.parametrize("record", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+def test_committed_results_regenerate_byte_for_byte_from_their_records(record, tmp_path):
+    out = tmp_path / record.parent.name
+    shutil.copytree(record.parent, out)
+    (out / "results.md").unlink()
+    assert table("render", str(out)).returncode == 0
+    assert (out / "results.md").read_bytes() == (record.parent / "results.md").read_bytes()
+
+
+def test_the_cpu_table_is_committed():
+    assert (ROOT / "docs" / "results" / "cpu_table" / "jobs.json").is_file()
 
 
 def test_paper_sweep_covers_every_estimator_and_searches_annealing_only_with_a_temperature(tmp_path):

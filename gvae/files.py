@@ -1,0 +1,46 @@
+"""Writing files so that a reader, or a run killed mid-write, never sees half of one."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it to `path`.
+
+    The temporary name is unique to this call, so two processes never write the same temporary
+    file, and it is removed if `write` fails (the previous `path`, if any, stays as it was).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _strict(value: Any) -> Any:
+    """NaN and infinities as null: strict JSON, which every reader accepts."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Write `data` as strict JSON (non-finite numbers become null), atomically."""
+    text = json.dumps(_strict(data), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -1,0 +1,103 @@
+"""Finished runs on disk: finding their folders, reading their config, loading their model.
+
+A run folder is what `gvae-train` writes: `.hydra/config.yaml` (the run's own config),
+`checkpoints/last.pt`, `metrics.json`. A sweep folder holds one run folder per job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gvae.checkpoint import check_compatible, load_checkpoint
+from gvae.config import Config, validate
+from gvae.errors import ConfigError, GvaeError
+from gvae.model import VAE
+
+
+class RunError(GvaeError):
+    """A folder is not a run or a sweep, or a run cannot be used as asked; the message names it."""
+
+
+def _natural(path: Path) -> list[Any]:
+    """Sort key: job folders 2 before 10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def find_runs(paths: list[Path]) -> list[Path]:
+    """The run folders named by `paths`: each a run folder, or a folder holding run folders
+    (a sweep: every job in it, in job order). RunError naming a path that holds no run."""
+    runs: list[Path] = []
+    for path in paths:
+        if (path / ".hydra" / "config.yaml").is_file():
+            runs.append(path)
+            continue
+        jobs = sorted((p.parent.parent for p in path.glob("**/.hydra/config.yaml")), key=_natural)
+        if not jobs:
+            raise RunError(f"{path} is neither a run folder (no .hydra/config.yaml) nor a folder of runs")
+        runs += jobs
+    return list(dict.fromkeys(runs))  # a run named twice is evaluated once
+
+
+def run_config(run_dir: Path, overrides: list[str] = (), allowed: tuple[str, ...] = ()) -> DictConfig:
+    """The run's own config (.hydra/config.yaml, resolved now, so `data.root` follows this machine's
+    $GVAE_DATA_DIR), typed by the schema, with `overrides` ("key=value") applied. Only keys under the
+    `allowed` prefixes may be overridden: the others say what the checkpoint means."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
+    except (OSError, OmegaConfBaseException) as e:
+        raise RunError(f"{run_dir / '.hydra' / 'config.yaml'} cannot be read: {e}") from e
+    names = [f.name for f in dataclasses.fields(Config)]
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {k: saved[k] for k in names if k in saved})
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or not any(key == p or key.startswith(p + ".") for p in allowed):
+            raise ConfigError(f"{override!r}: only keys under {', '.join(allowed)} may be set here "
+                              "(key=value)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{override!r} is not allowed: {str(e).splitlines()[0]}") from None
+    validate(cfg)
+    return cfg
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON record, or None if the file does not exist; RunError if it cannot be read."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunError(f"{path} cannot be read: {e}") from e
+
+
+def unfinished(run_dir: Path) -> str | None:
+    """Why a run folder holds no finished run (failed, interrupted, still running), or None."""
+    failed = read_json(run_dir / "failed.json")
+    if failed is not None:
+        return f"{failed.get('status', 'failed')}: {failed.get('error', 'no message')}"
+    metrics = read_json(run_dir / "metrics.json")
+    if metrics is None or metrics.get("status") != "complete":
+        return "not finished (no complete metrics.json)"
+    return None
+
+
+def load_model(run_dir: Path, cfg: DictConfig, device: torch.device) -> tuple[VAE, int]:
+    """The trained model of a run, from checkpoints/last.pt (weights_only), and its step."""
+    path = run_dir / "checkpoints" / "last.pt"
+    if not path.is_file():
+        raise RunError(f"{path} does not exist: the run has no checkpoint")
+    state = load_checkpoint(path)
+    check_compatible(path, state["config"], cfg)
+    model = VAE(cfg.model).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, int(state["step"])

@@ -1,0 +1,117 @@
+"""Evaluation: gvae-eval on a finished run and on a sweep, and what a sweeper is given to minimise."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.test_utils.test_utils import SweepTaskFunction
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import gvae.train
+from gvae.config import config_path, register_configs
+from gvae.evaluation import main as gvae_eval
+from tests.conftest import TINY
+
+# A sweep of two tiny jobs, small enough to evaluate with m = 4 in seconds.
+SMALL = [o for o in TINY if not o.startswith("train.eval_every=")] + [
+    "train.eval_every=20", "data.num_val=1000", "eval.images=false", "model.hidden=[32]"]
+
+
+@pytest.fixture(scope="module")
+def sweep(mnist_root, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("eval")
+    sweep_dir = work / "multirun"
+    result = subprocess.run(
+        [sys.executable, "-m", "gvae.train", "-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={sweep_dir}"],
+        cwd=work, env={**os.environ, "GVAE_DATA_DIR": str(mnist_root)}, capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep_dir
+
+
+def fresh_copy(sweep: Path, tmp_path: Path) -> Path:
+    return shutil.copytree(sweep, tmp_path / "sweep")
+
+
+@pytest.mark.slow
+def test_gvae_eval_on_a_run_writes_eval_json_and_tensorboard_scalars(sweep, tmp_path, caplog):
+    run = fresh_copy(sweep, tmp_path) / "0"
+    metrics_before = (run / "metrics.json").read_text()
+    assert gvae_eval([str(run), "eval.num_samples=16", "eval.relaxed=true"]) == 0
+    record = json.loads((run / "eval.json").read_text())
+    metrics = json.loads(metrics_before)
+    assert (run / "metrics.json").read_text() == metrics_before  # training's record is kept
+    assert record["step"] == metrics["step"] == 40 and record["num_samples"] == 16
+    assert record["eval"]["num_samples"] == 16
+    # The same checkpoint, data and evaluation seed as training's final evaluation: the same figures.
+    assert record["val_nelbo"] == pytest.approx(metrics["val_nelbo"], rel=1e-6)
+    assert record["test_nelbo"] == pytest.approx(metrics["test_nelbo"], rel=1e-6)
+    # With more samples the bound can only tighten on average; 16 samples against 4, 10,000 images.
+    assert record["test_bound"] < record["test_nelbo"] and record["test_bound"] < metrics["test_bound"]
+    assert record["relaxed_tau"] == 1.0 and "test_relaxed_nelbo" in record
+
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    tags = ("eval/val_nelbo", "eval/test_nelbo", "eval/test_bound_m16", "eval/test_relaxed_nelbo_not_a_bound")
+    assert set(tags) <= set(scalars), scalars
+    assert events.Scalars("eval/test_bound_m16")[-1].value == pytest.approx(record["test_bound"])
+    assert "test/bound" in scalars  # training's own scalars are still there
+
+    # A second call with the same settings does nothing; --force evaluates again.
+    caplog.clear()
+    assert gvae_eval([str(run), "eval.num_samples=16", "eval.relaxed=true"]) == 0
+    assert "already evaluated" in caplog.text
+
+
+@pytest.mark.slow
+def test_gvae_eval_on_a_sweep_evaluates_every_finished_job_and_names_the_others(sweep, tmp_path, caplog):
+    copy = fresh_copy(sweep, tmp_path)
+    (copy / "1" / "metrics.json").unlink()  # a job that never finished
+    assert gvae_eval([str(copy), "eval.num_samples=2"]) == 1
+    assert (copy / "0" / "eval.json").is_file() and not (copy / "1" / "eval.json").exists()
+    assert f"{copy / '1'} skipped: not finished" in caplog.text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("optim.lr=1", "only keys under eval, device, data.root may be set"),
+    ("eval.num_samples=many", "could not be converted to Integer"),
+    ("eval.num_sample=4", "Key 'num_sample' not in 'EvalConfig'"),
+    ("eval.num_samples=0", "eval.num_samples=0 is not allowed: must be >= 1"),
+])
+def test_gvae_eval_rejects_bad_overrides_naming_them(sweep, tmp_path, caplog, override, message):
+    copy = fresh_copy(sweep, tmp_path)
+    assert gvae_eval([str(copy / "0"), override]) == 1
+    assert message in caplog.text
+    assert not (copy / "0" / "eval.json").exists()
+
+
+def test_gvae_eval_names_a_folder_that_holds_no_run(tmp_path, caplog):
+    assert gvae_eval([str(tmp_path)]) == 1
+    assert f"{tmp_path} is neither a run folder" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_sweeper_is_given_the_best_validation_figure_not_a_test_figure(mnist_root, tmp_path, monkeypatch):
+    monkeypatch.setenv("GVAE_DATA_DIR", str(mnist_root))
+    register_configs()
+    sweep = SweepTaskFunction()
+    sweep.calling_file, sweep.calling_module = None, "gvae.train"
+    sweep.config_path, sweep.config_name = config_path(), "config"
+    sweep.task_function = gvae.train.main.__wrapped__  # the function under @hydra.main
+    sweep.overrides = ["seed=0,1", *SMALL]
+    sweep.temp_dir = str(tmp_path / "sweep")
+    with sweep:  # runs the multirun; the folder is removed on leaving
+        returns = [job.return_value for batch in sweep.returns for job in batch]
+        jobs = sorted(p for p in Path(sweep.temp_dir).iterdir() if (p / "metrics.json").is_file())
+        metrics = [json.loads((job / "metrics.json").read_text()) for job in jobs]
+    assert len(returns) == len(metrics) == 2
+    for value, m in zip(returns, metrics, strict=True):
+        assert value == m["val_nelbo_best"] != m["test_bound"]
