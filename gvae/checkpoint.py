@@ -18,7 +18,7 @@ KEYS = ("model", "estimator", "optimizer", "sampler", "rng", "step", "best_val",
 # (max_steps, cadences, evaluation, device, step mode, where the data lives) may change when a run
 # is resumed.
 RUN_KEYS = ("data", "model", "estimator", "schedule", "optim", "seed", "train.batch_size", "train.precision")
-RESUMABLE_KEYS = ("data.root", "data.download")
+RESUMABLE_KEYS = ("data.root", "data.download", "data.mirrors")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:

@@ -60,8 +60,9 @@ class Precision(str, Enum):
 
 @dataclass
 class DataConfig:
-    root: str = "${oc.env:GVAE_DATA_DIR,./data}"
-    download: bool = False
+    root: str = "auto"  # $GVAE_DATA_DIR, else ./data if it holds MNIST, else the per-user cache
+    download: bool = True  # fetch MNIST with torchvision when it is missing
+    mirrors: list[str] = field(default_factory=list)  # folder URLs to download from; empty: torchvision's
     binarization: Binarization = Binarization.static
     num_train: int = 50_000
     num_val: int = 10_000

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import shutil
+import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +79,7 @@ def check_idx_file(path: Path) -> None:
 def _gunzip(src: Path, dst: Path) -> None:
     """Decompress src to dst through a temporary file, checked before it takes dst's name, so a
     failure never leaves a partial or wrong dst behind."""
-    tmp = dst.with_name(dst.name + ".partial")
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")  # this process's own: others may be at it too
     try:
         with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
@@ -98,29 +99,94 @@ def _check_decompressed(path: Path, gz: Path) -> None:
         raise DataError(f"{path}: {problem}{hint}")
 
 
-def prepare_mnist(root: str | Path, download: bool) -> Path:
-    """Return a root that torchvision.datasets.MNIST can read without downloading.
+def cache_root() -> Path:
+    """The per-user cache folder: $XDG_CACHE_HOME/gvae, or ~/.cache/gvae."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gvae"
 
-    torchvision accepts only its own downloads' checksums, so `.gz` files are decompressed next
-    to themselves first (or into ~/.cache/gvae when that folder is read-only). Every file is
-    checked, including decompressed copies left by an earlier run.
-    """
-    root = Path(root).expanduser()
+
+def missing_files(root: Path) -> list[str]:
+    """MNIST's IDX files that are in root/MNIST/raw neither as they are nor gzipped."""
     raw = root / "MNIST" / "raw"
-    missing = [n for n in IDX_FILES if not (raw / n).exists() and not (raw / f"{n}.gz").exists()]
-    if missing:
-        if download:
-            torchvision.datasets.MNIST(str(root), train=True, download=True)
-            torchvision.datasets.MNIST(str(root), train=False, download=True)
-        else:
-            raise DataError(
-                f"MNIST not found: {', '.join(missing)} (or .gz) missing in {raw}. Put the four "
-                "IDX files (gzipped or not) there, point data.root (or $GVAE_DATA_DIR) at the folder "
-                "that holds MNIST/raw/, or set data.download=true."
-            )
+    return [n for n in IDX_FILES if not (raw / n).exists() and not (raw / f"{n}.gz").exists()]
+
+
+def locate_mnist(root: str | Path) -> tuple[Path, str, list[str]]:
+    """(folder holding, or to hold, MNIST/raw/; why that folder; where else was looked).
+
+    data.root=auto (the default) takes the first of $GVAE_DATA_DIR, ./data if it holds MNIST, and
+    the per-user cache; any other value is used as it is.
+    """
+    if str(root) != "auto":
+        return Path(root).expanduser(), f"data.root={root}", []
+    looked = []
+    if env := os.environ.get("GVAE_DATA_DIR"):
+        return Path(env).expanduser(), f"$GVAE_DATA_DIR={env}", looked
+    looked.append("$GVAE_DATA_DIR (not set)")
+    if not missing_files(Path("data")):
+        return Path("data"), "./data (it holds MNIST)", looked
+    looked.append(f"{Path('data').resolve()} (./data: no MNIST)")
+    return cache_root(), "the per-user cache (data.root=auto)", looked
+
+
+def no_mnist(root: Path, why: str, looked: list[str], missing: list[str], reason: str) -> DataError:
+    """The error for MNIST that is not there: where gvae looked, what to put where, how to point at it."""
+    raw = root / "MNIST" / "raw"
+    where = "; ".join([*looked, f"{raw} ({why})"])
+    files = ", ".join(f"{n}.gz" for n in IDX_FILES)
+    return DataError(
+        f"MNIST not found: {', '.join(missing)} (or .gz) missing in {raw}, and {reason}. Looked in: {where}. "
+        f"Put the four files {files} (gzipped or not) in {raw}/, or point gvae at a folder that holds "
+        "MNIST/raw/ with GVAE_DATA_DIR=/path/to/folder or data.root=/path/to/folder."
+    )
+
+
+def download_mnist(root: Path, mirrors: list[str] | None = None) -> None:
+    """Download MNIST's four files into root/MNIST/raw with torchvision (which checks their MD5),
+    from `mirrors` (folder URLs) when given, else from torchvision's.
+
+    Through a private temporary folder, then one rename per file into place: a failed download
+    writes nothing, and two processes downloading at once each put complete files in place.
+    """
+    raw = root / "MNIST" / "raw"
+    dataset = torchvision.datasets.MNIST
+    if mirrors:
+        dataset = type("MNIST", (dataset,), {"mirrors": list(mirrors)})
+    with tempfile.TemporaryDirectory(prefix="gvae-mnist-") as tmp:
+        dataset(tmp, train=True, download=True)
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in IDX_FILES:
+            for file in (f"{name}.gz", name):
+                staged = raw / f".{file}.{os.getpid()}.partial"
+                # A copy, not a rename: the temporary folder may be on another disk.
+                shutil.copyfile(Path(tmp) / "MNIST" / "raw" / file, staged)
+                os.replace(staged, raw / file)
+
+
+def prepare_mnist(root: str | Path, download: bool, mirrors: list[str] | None = None) -> Path:
+    """Return a folder that torchvision.datasets.MNIST can read without downloading.
+
+    `root` as data.root takes it (see locate_mnist). Missing files are downloaded when `download`
+    is on. torchvision accepts only its own downloads' checksums, so `.gz` files are decompressed
+    next to themselves first (or into the per-user cache when that folder is read-only). Every
+    file is checked, including decompressed copies left by an earlier run.
+    """
+    root, why, looked = locate_mnist(root)
+    raw = root / "MNIST" / "raw"
+    if missing := missing_files(root):
+        if not download:
+            raise no_mnist(root, why, looked, missing, "data.download=false (data.download=true fetches it)")
+        log.info("MNIST is not in %s (%s): downloading it there", raw, why)
+        try:
+            download_mnist(root, mirrors)
+        except (RuntimeError, OSError) as e:
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+            detail = lines[0].rstrip(":") + (f": {lines[-1]}" if len(lines) > 1 else "")
+            reason = f"the download failed ({detail})"
+            raise no_mnist(root, why, looked, missing, reason) from None
+    log.info("MNIST from %s (%s)", raw.resolve(), why)
     target = root
     if any(not (raw / n).exists() for n in IDX_FILES) and not os.access(raw, os.W_OK):
-        target = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gvae"
+        target = cache_root()
         log.info("%s is read-only: decompressing MNIST into %s", raw, target)
     target_raw = target / "MNIST" / "raw"
     target_raw.mkdir(parents=True, exist_ok=True)
@@ -130,7 +196,9 @@ def prepare_mnist(root: str | Path, download: bool) -> Path:
             _check_decompressed(dst, gz)
         elif src.exists():
             check_idx_file(src)
-            shutil.copyfile(src, dst)
+            staged = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
+            shutil.copyfile(src, staged)
+            os.replace(staged, dst)
         else:
             _gunzip(gz, dst)
     return target
@@ -170,7 +238,7 @@ def _binarize(images: torch.Tensor, mode: Binarization, seed: int) -> torch.Tens
 
 def load_splits(cfg: DataConfig, device: torch.device) -> Splits:
     """Load MNIST, split 60k into train/val with a seeded permutation, binarize, move to device."""
-    root = prepare_mnist(cfg.root, cfg.download)
+    root = prepare_mnist(cfg.root, cfg.download, list(cfg.mirrors))
     train_set = torchvision.datasets.MNIST(str(root), train=True, download=False)
     test_set = torchvision.datasets.MNIST(str(root), train=False, download=False)
     full, test = train_set.data.reshape(-1, NUM_PIXELS), test_set.data.reshape(-1, NUM_PIXELS)

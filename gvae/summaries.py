@@ -1,4 +1,5 @@
-"""What a run shows in TensorBoard beyond scalars: image grids and the hparams record."""
+"""What a run shows beyond numbers: image grids (TensorBoard and gvae-sample), the chart layout and
+the hparams record."""
 
 from __future__ import annotations
 
@@ -11,41 +12,86 @@ from torchvision.utils import make_grid
 
 from gvae.model import VAE
 
+IMAGE_SHAPE = (1, 28, 28)
 
-def _pixels(pixel_logits_or_images: torch.Tensor) -> torch.Tensor:
-    return pixel_logits_or_images.float().view(-1, 1, 28, 28).cpu()
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    return images.float().view(-1, *IMAGE_SHAPE).cpu()
+
+
+def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    return make_grid(_pixels(images), nrow=nrow, pad_value=0.5)
+
+
+def _pictures(pixel_logits: torch.Tensor, binary: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Bernoulli means, or binary images drawn from them."""
+    means = torch.sigmoid(pixel_logits)
+    return torch.bernoulli(means, generator=generator) if binary else means
 
 
 @torch.no_grad()
+def prior_grid(model: VAE, n: int, generator: torch.Generator | None, binary: bool = False,
+               nrow: int = 8) -> torch.Tensor:
+    """n images decoded from codes drawn from the prior, nrow per row."""
+    return _grid(_pictures(model.decode(model.prior_sample(n, generator)), binary, generator), nrow)
+
+
+@torch.no_grad()
+def reconstruction_grid(model: VAE, x: torch.Tensor, generator: torch.Generator | None, binary: bool = False,
+                        nrow: int = 8) -> torch.Tensor:
+    """Rows of nrow inputs `x` (targets in [0, 1]), each followed by a row of their reconstructions
+    from one exact code sample; len(x) is rounded down to a multiple of nrow."""
+    x = x[: len(x) // nrow * nrow]
+    recon = _pictures(model.decode(model.latent.sample(model.encode(x), generator)), binary, generator)
+    rows = len(x) // nrow
+    pairs = torch.stack([x.view(rows, nrow, -1), recon.view(rows, nrow, -1)], dim=1).view(2 * len(x), -1)
+    return _grid(pairs, nrow)
+
+
+@torch.no_grad()
+def traversal_grid(model: VAE, x: torch.Tensor, max_vars: int = 16, binary: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Row v: the most likely code of the one image `x` (1, pixels) with variable v set to each of
+    its values in turn, for the first max_vars variables."""
+    latent = model.latent
+    code = latent.harden(model.encode(x[:1]))
+    rows = min(latent.num_vars, max_vars)
+    codes = torch.cat([latent.one_value(code, v, k) for v in range(rows) for k in range(latent.num_values)])
+    return _grid(_pictures(model.decode(codes), binary, generator), latent.num_values)
+
+
 def log_images(
     writer: SummaryWriter, model: VAE, x: torch.Tensor, step: int, generator: torch.Generator
 ) -> None:
-    """Prior samples (8x8), inputs beside reconstructions, and latent traversals, as image grids.
+    """Prior samples (8x8), inputs above reconstructions, and a latent traversal, as image grids.
 
     `x` holds at least 32 evaluation targets in [0, 1].
     """
-    prior = torch.sigmoid(model.decode(model.prior_sample(64, generator)))
-    writer.add_image("samples/prior", make_grid(_pixels(prior), nrow=8, pad_value=0.5), step)
-
-    inputs = x[:32]
-    recon = torch.sigmoid(model.decode(model.latent.sample(model.encode(inputs), generator)))
-    # Rows alternate: eight inputs, then their eight reconstructions.
-    pairs = torch.stack([inputs.view(4, 8, -1), recon.view(4, 8, -1)], dim=1).view(64, -1)
-    writer.add_image("samples/reconstruction", make_grid(_pixels(pairs), nrow=8, pad_value=0.5), step)
-
-    # Row v: the first input's most likely code with variable v set to each of its values in turn.
-    latent = model.latent
-    code = latent.harden(model.encode(inputs[:1]))
-    rows = min(latent.num_vars, 16)
-    codes = torch.cat([latent.one_value(code, v, k) for v in range(rows) for k in range(latent.num_values)])
-    traversal = torch.sigmoid(model.decode(codes))
-    writer.add_image(
-        "samples/traversal", make_grid(_pixels(traversal), nrow=latent.num_values, pad_value=0.5), step
-    )
+    writer.add_image("samples/prior", prior_grid(model, 64, generator), step)
+    writer.add_image("samples/reconstruction", reconstruction_grid(model, x[:32], generator), step)
+    writer.add_image("samples/traversal", traversal_grid(model, x[:1]), step)
 
 
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The config as {dotted.key: scalar}, the form add_hparams accepts (lists become strings)."""
+def log_layout(writer: SummaryWriter) -> None:
+    """TensorBoard's Custom Scalars tab: the training objective and the validation negative ELBO on
+    one chart, the temperature beside it, then the parts of the objective and the speed."""
+    writer.add_custom_scalars({
+        "gvae": {
+            "negative ELBO: training (relaxed estimators: not a bound) and validation":
+                ["Multiline", ["train/loss", "val/nelbo"]],
+            "temperature": ["Multiline", ["train/tau"]],
+        },
+        "details": {
+            "reconstruction and KL": ["Multiline", ["train/recon", "train/kl"]],
+            "speed (steps/s)": ["Multiline", ["perf/steps_per_sec"]],
+            "learning rate": ["Multiline", ["train/lr"]],
+        },
+    })
+
+
+def flat_config(cfg: DictConfig | dict) -> dict[str, Any]:
+    """The config as {dotted.key: value}; lists stay values."""
+    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -53,14 +99,31 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
             for k, v in node.items():
                 walk(v, f"{prefix}{k}.")
         else:
-            flat[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) else str(node)
+            flat[prefix[:-1]] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "")
+    walk(container, "")
     return flat
 
 
-def log_config_and_hparams(writer: SummaryWriter, cfg: DictConfig, metrics: dict[str, float]) -> None:
+# The hparams view's columns when a run has no command-line settings to show.
+DEFAULT_HPARAMS = ("estimator.name", "model.latent", "optim.lr", "seed")
+
+
+def _scalar(value: Any) -> Any:
+    return value if isinstance(value, (int, float, str, bool)) else str(value)
+
+
+def hparams(cfg: DictConfig, settings: dict[str, Any]) -> dict[str, Any]:
+    """The values a reader compares runs by: the estimator, then those set on the command line
+    (`settings`; in a multirun, the swept ones among them), or else DEFAULT_HPARAMS."""
+    flat = flat_config(cfg)
+    chosen = settings or {k: flat[k] for k in DEFAULT_HPARAMS}
+    return {k: _scalar(v) for k, v in {"estimator.name": flat["estimator.name"], **chosen}.items()}
+
+
+def log_config_and_hparams(writer: SummaryWriter, cfg: DictConfig, metrics: dict[str, float],
+                           settings: dict[str, Any]) -> None:
     """Resolved config as text and the hparams record, kept in the run's own folder."""
     yaml = OmegaConf.to_yaml(cfg, resolve=True)
     writer.add_text("config", "    " + yaml.replace("\n", "\n    "))
-    writer.add_hparams(flat_hparams(cfg), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")
+    writer.add_hparams(hparams(cfg, settings), {f"hparam/{k}": v for k, v in metrics.items()}, run_name=".")

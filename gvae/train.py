@@ -35,7 +35,7 @@ from gvae.evaluation import eval_generator, evaluate, split_nelbo
 from gvae.files import write_json
 from gvae.schedules import temperature
 from gvae.step import build_training
-from gvae.summaries import log_config_and_hparams, log_images
+from gvae.summaries import log_config_and_hparams, log_images, log_layout
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,31 @@ def finished_metrics(out_dir: Path, max_steps: int) -> dict[str, Any] | None:
         return None
     metrics = json.loads(path.read_text())
     return metrics if metrics.get("status") == "complete" and metrics["step"] >= max_steps else None
+
+
+def tensorboard_dir(out_dir: Path) -> Path:
+    """The folder to point TensorBoard at: a sweep's, so its jobs sit side by side, or the run's."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return out_dir.parent
+    return out_dir
+
+
+def command_line_settings(cfg: DictConfig) -> dict[str, Any]:
+    """What the command line set for this run ({key or config group: value}), for the hparams view:
+    in a multirun, the swept keys are among them. Empty outside Hydra."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    settings: dict[str, Any] = {}
+    for override in hydra_cfg.overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.") or key == "train.resume":
+            continue
+        if key in hydra_cfg.runtime.choices:  # a config group: its option's name
+            settings[key] = hydra_cfg.runtime.choices[key]
+        elif (value := OmegaConf.select(cfg, key)) is not None:
+            settings[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return settings
 
 
 @contextmanager
@@ -149,6 +174,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     # Resuming: the same folder, where the events logged after the checkpoint (before a crash) are
     # hidden, since this run logs those steps again.
     writer = SummaryWriter(str(out_dir), purge_step=step + 1 if state else None)
+    log_layout(writer)
     log.info("device %s, step mode %s, %d parameters, output %s",
              device, run.mode, sum(p.numel() for p in model.parameters()), out_dir)
     running = torch.zeros(3, device=device)  # sums of [loss, recon, kl] since the last log
@@ -220,9 +246,11 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         }
         log_config_and_hparams(writer, cfg, {
             "val_nelbo": last_val, "val_nelbo_best": best_val, "test_nelbo": test_nelbo,
-            "test_bound": test_bound})
+            "test_bound": test_bound}, command_line_settings(cfg))
         write_json(out_dir / "metrics.json", metrics)
-        log.info("test nelbo %.3f, test bound (m=%d) %.3f", test_nelbo, cfg.eval.num_samples, test_bound)
+        log.info("done in %.0f s: val -ELBO %.2f (best %.2f), test -ELBO %.2f, test bound (m=%d) %.2f; "
+                 "run folder %s; to inspect: tensorboard --logdir %s", metrics["wall_seconds"], last_val,
+                 best_val, test_nelbo, cfg.eval.num_samples, test_bound, out_dir, tensorboard_dir(out_dir))
         return metrics
     finally:
         bar.close()

@@ -57,8 +57,8 @@ PAPER = {
 }
 PAPER_TABLE = {(latent, est): v for latent, row in PAPER.items() for est, v in zip(COLUMNS, row, strict=True)}
 # Overrides that do not change what a job computes: not part of its setting.
-NOT_SETTING = ("seed", "train.resume", "train.compile", "device", "data.root", "data.download", "eval",
-               "hydra")
+WHERE_DATA_IS = ("data.root", "data.download", "data.mirrors")
+NOT_SETTING = ("seed", "train.resume", "train.compile", "device", *WHERE_DATA_IS, "eval", "hydra")
 # Config keys that say what a run computes (the rest: cadences, evaluation, where data lives).
 RUN_KEYS = ("data", "model", "estimator", "schedule", "optim", "seed", "train.batch_size",
             "train.max_steps", "train.precision")
@@ -147,8 +147,8 @@ def job_record(folder: Path, sweep_name: str, sweep_dir: Path) -> dict[str, Any]
         "job": f"{sweep_name}/{folder.relative_to(sweep_dir).as_posix()}",
         "latent": latent_label(flat), "estimator": flat["estimator.name"], "seed": flat["seed"],
         "setting": sorted(o for o in overrides if in_setting(o)),
-        "config": {k: v for k, v in sorted(flat.items())
-                   if any(k == r or k.startswith(r + ".") for r in RUN_KEYS)},
+        "config": {k: v for k, v in sorted(flat.items()) if k not in WHERE_DATA_IS
+                   and any(k == r or k.startswith(r + ".") for r in RUN_KEYS)},
         "status": status, "error": error,
         "metrics": {k: metrics.get(k) for k in METRICS} if metrics else None,
         "eval": {k: evaluation[k] for k in EVAL if k in evaluation} if evaluation else None,

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
+import http.server
+import os
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +18,7 @@ import torch
 import torchvision
 
 from gvae.config import Binarization
-from gvae.data import IDX_FILES, Splits, _binarize, load_splits, prepare_mnist
+from gvae.data import IDX_FILES, Splits, _binarize, load_splits, locate_mnist, prepare_mnist
 from gvae.errors import DataError
 from tests.conftest import compose_config
 
@@ -150,7 +157,7 @@ def test_gz_files_are_extracted_and_loaded_by_torchvision(mnist_root, tmp_path):
     assert root == tmp_path
     for name in IDX_FILES:
         assert (raw / name).is_file(), name
-        assert not (raw / f"{name}.partial").exists()
+    assert not [p.name for p in raw.iterdir() if "partial" in p.name]  # no temporary file is left
     train = torchvision.datasets.MNIST(str(root), train=True, download=False)
     test = torchvision.datasets.MNIST(str(root), train=False, download=False)
     assert train.data.shape == (60_000, 28, 28) and test.data.shape == (10_000, 28, 28)
@@ -185,4 +192,75 @@ def test_truncated_gz_is_a_clear_error_and_leaves_no_partial_file(mnist_root, tm
     with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz"):
         prepare_mnist(tmp_path, download=False)
     assert not (raw / "train-labels-idx1-ubyte").exists()
-    assert not (raw / "train-labels-idx1-ubyte.partial").exists()
+    assert not [p.name for p in raw.iterdir() if "partial" in p.name]
+
+
+# -----------------------------------------------------------------------------
+# where MNIST is found, and downloading it
+
+CLOSED_PORT = "http://127.0.0.1:9/"  # refuses at once: a machine without network, without the wait
+
+
+@pytest.fixture
+def no_data_anywhere(tmp_path, monkeypatch) -> Path:
+    """A fresh user: no $GVAE_DATA_DIR, no ./data, an empty per-user cache; returns that cache."""
+    monkeypatch.delenv("GVAE_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "cache" / "gvae"
+
+
+def test_auto_root_is_the_environment_then_local_data_then_cache(mnist_root, no_data_anywhere, monkeypatch):
+    assert locate_mnist("auto")[0] == no_data_anywhere
+    copy_gz(mnist_root, Path("data"))
+    assert locate_mnist("auto")[0] == Path("data")
+    monkeypatch.setenv("GVAE_DATA_DIR", str(mnist_root))
+    assert locate_mnist("auto")[0] == mnist_root
+    assert locate_mnist("/elsewhere")[0] == Path("/elsewhere")  # an explicit data.root is used as given
+
+
+def test_without_network_the_error_says_where_it_looked_and_what_to_put_where(no_data_anywhere):
+    with pytest.raises(DataError) as err:
+        prepare_mnist("auto", download=True, mirrors=[CLOSED_PORT])
+    message = str(err.value)
+    raw = no_data_anywhere / "MNIST" / "raw"
+    assert "the download failed" in message and "$GVAE_DATA_DIR (not set)" in message
+    files = ", ".join(f"{n}.gz" for n in IDX_FILES)
+    assert "./data: no MNIST" in message and f"Put the four files {files}" in message
+    assert f"in {raw}/" in message and "GVAE_DATA_DIR=" in message and "data.root=" in message
+    assert not (no_data_anywhere.parent).exists()  # nothing was written
+
+
+def test_missing_mnist_is_downloaded_into_the_cache(mnist_root, no_data_anywhere, monkeypatch, caplog):
+    # A local HTTP mirror of the shared copy: its .gz files are compressed differently from the
+    # official ones, so torchvision is told their MD5s; gvae's own checks of the IDX contents apply.
+    shared = mnist_root / "MNIST" / "raw"
+    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in shared.glob("*.gz")}
+    resources = [(name, md5[name]) for name, _ in torchvision.datasets.MNIST.resources]
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", resources)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shared))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    caplog.set_level("INFO")
+    try:
+        root = prepare_mnist("auto", download=True, mirrors=[f"http://127.0.0.1:{server.server_port}/"])
+    finally:
+        server.shutdown()
+    raw = no_data_anywhere / "MNIST" / "raw"
+    assert root == no_data_anywhere
+    assert all((raw / n).is_file() and (raw / f"{n}.gz").is_file() for n in IDX_FILES)
+    assert not [p.name for p in raw.iterdir() if "partial" in p.name]
+    assert f"MNIST from {raw.resolve()} (the per-user cache" in caplog.text
+    splits = load_splits(compose_config(["data.root=auto"]).data, CPU)
+    assert len(splits.test) == 10_000
+
+
+@pytest.mark.slow
+def test_gvae_train_without_network_or_data_stops_with_the_data_message_only(no_data_anywhere):
+    env = {k: v for k, v in os.environ.items() if k != "GVAE_DATA_DIR"}
+    result = subprocess.run([sys.executable, "-m", "gvae.train", f"data.mirrors=[{CLOSED_PORT}]"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "MNIST not found" in output and "Traceback" not in output
+    assert not no_data_anywhere.parent.exists()  # no data folder was made

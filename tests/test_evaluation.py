@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,23 +13,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import gvae.train
 from gvae.config import config_path, register_configs
 from gvae.evaluation import main as gvae_eval
-from tests.conftest import TINY
-
-# A sweep of two tiny jobs, small enough to evaluate with m = 4 in seconds.
-SMALL = [o for o in TINY if not o.startswith("train.eval_every=")] + [
-    "train.eval_every=20", "data.num_val=1000", "eval.images=false", "model.hidden=[32]"]
+from tests.conftest import SMALL
 
 
-@pytest.fixture(scope="module")
-def sweep(mnist_root, tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("eval")
-    sweep_dir = work / "multirun"
-    result = subprocess.run(
-        [sys.executable, "-m", "gvae.train", "-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=work, env={**os.environ, "GVAE_DATA_DIR": str(mnist_root)}, capture_output=True, text=True,
-        timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return sweep_dir
+@pytest.fixture
+def sweep(tiny_sweep) -> Path:
+    return tiny_sweep
 
 
 def fresh_copy(sweep: Path, tmp_path: Path) -> Path:
