@@ -8,6 +8,7 @@ a type cannot express live in `validate`, which runs before anything else.
 from __future__ import annotations
 
 import importlib
+import importlib.resources
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from gvae.errors import ConfigError
 
@@ -153,6 +154,21 @@ def config_path() -> str:
     return str(Path(__file__).resolve().parent.parent / "configs")
 
 
+def config_dir() -> Path:
+    """The folder of configs/ itself, installed or in the checkout."""
+    path = config_path()
+    if path.startswith("pkg://"):
+        return Path(str(importlib.resources.files(path.removeprefix("pkg://"))))
+    return Path(path)
+
+
+def config_groups_help() -> str:
+    """One line per config group with its options (the YAML files; the schemas behind them are not
+    options), for gvae-train --help."""
+    groups = sorted(p for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith("_"))
+    return "\n".join(f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups)
+
+
 @contextmanager
 def hydra_initialized() -> Iterator[None]:
     """Hydra's compose API pointed at gvae's configs, wherever they are (see config_path)."""
@@ -178,7 +194,8 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
 
 
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (idempotent)."""
+    """Put the schemas in Hydra's ConfigStore, and the help's resolver in OmegaConf (idempotent)."""
+    OmegaConf.register_new_resolver("gvae_config_groups", config_groups_help, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     cs.store(group="optim", name="adam_schema", node=AdamConfig)

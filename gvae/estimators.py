@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from gvae.errors import ConfigError
@@ -265,6 +266,17 @@ def check_estimator_config(cfg: Mapping[str, Any]) -> tuple[type[Estimator], dic
             f"estimator.{unknown[0]} is not an option of estimator {name!r}; its options: {allowed or 'none'}"
         )
     return cls, options
+
+
+def estimator_help() -> str:
+    """One line per registered estimator: its name and the first line of its docstring."""
+    width = max(map(len, ESTIMATORS))
+    return "\n".join(f"{name:<{width}}  {(cls.__doc__ or '').strip().splitlines()[0]}"
+                     for name, cls in sorted(ESTIMATORS.items()))
+
+
+# gvae-train --help lists the estimators through this resolver (configs/config.yaml, hydra.help).
+OmegaConf.register_new_resolver("gvae_estimators", estimator_help, replace=True)
 
 
 def build_estimator(cfg: Mapping[str, Any], latent: Latent) -> Estimator:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import hydra
@@ -14,7 +16,7 @@ from omegaconf import DictConfig
 
 from gvae import configs
 from gvae.config import hydra_initialized, validate
-from gvae.estimators import Estimator, build_estimator
+from gvae.estimators import ESTIMATORS, Estimator, build_estimator
 from gvae.model import VAE
 from gvae.objective import training_loss
 from tests.conftest import compose_config
@@ -117,3 +119,17 @@ def test_misspelt_key_in_a_config_file_fails_naming_the_key(tmp_path):
         compose_config([f"hydra.searchpath=[file://{tmp_path}]", "model=typo"])
     message = f"{err.value} {err.value.__cause__}"
     assert "model.num_var" in message
+
+
+def test_help_names_every_group_with_its_options_and_every_estimator_with_a_line():
+    result = subprocess.run([sys.executable, "-m", "gvae.train", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    for group in sorted(p for p in CONFIG_DIR.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        options = ", ".join(sorted(f.stem for f in group.glob("*.yaml")))
+        assert f"{group.name}: {options}" in lines
+    assert not any("_schema" in line for line in lines if not line.startswith(" "))
+    for name, cls in ESTIMATORS.items():
+        first = cls.__doc__.strip().splitlines()[0]
+        assert any(line.startswith(name) and line.endswith(first) for line in lines), name

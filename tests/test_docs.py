@@ -1,0 +1,25 @@
+"""The README's promises that a test can hold it to."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quick_start_commands() -> list[str]:
+    """The two commands of the README's quick start: the first code block after its heading."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Quick start"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readmes_two_commands_literally():
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    assert commands[0].endswith("gvae-train") and "pip install -e" in commands[0]
+    assert "pytest" in commands[1]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert ci[-2:] == commands  # the last thing CI does is exactly what a new user types
