@@ -1,4 +1,5 @@
-"""Checkpoints: one dict per file, written atomically, read back with weights_only=True."""
+"""Checkpoints: what one holds (state/restore), written atomically, read back with weights_only=True,
+and whether it belongs to the run that wants to resume from it."""
 
 from __future__ import annotations
 
@@ -8,17 +9,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from gvae.errors import CheckpointError
+from gvae.config import config_from_dict, container, flatten
+from gvae.data import BatchSampler
+from gvae.errors import CheckpointError, ConfigError
+from gvae.estimators import Estimator
 from gvae.files import atomic_write
+from gvae.model import VAE
 
-KEYS = ("model", "estimator", "optimizer", "sampler", "rng", "step", "best_val", "config")
+KEYS = ("model", "estimator", "optimizer", "sampler", "rng", "step", "val_nelbo_best", "config")
 # The config keys that say what a checkpoint's tensors and random streams mean. The others
 # (max_steps, cadences, evaluation, device, step mode, where the data lives) may change when a run
 # is resumed.
 RUN_KEYS = ("data", "model", "estimator", "schedule", "optim", "seed", "train.batch_size", "train.precision")
 RESUMABLE_KEYS = ("data.root", "data.download", "data.mirrors")
+
+
+def state(model: VAE, estimator: Estimator, optimizer: torch.optim.Optimizer, sampler: BatchSampler,
+          device: torch.device, step: int, val_nelbo_best: float, val_curve: list[list[float]],
+          config: dict[str, Any]) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly: one dict."""
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return {"model": model.state_dict(), "estimator": estimator.state_dict(),
+            "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng, "step": step,
+            "val_nelbo_best": val_nelbo_best, "val_curve": val_curve, "config": config}
+
+
+def restore(saved: dict[str, Any], model: VAE, estimator: Estimator, optimizer: torch.optim.Optimizer,
+            sampler: BatchSampler, device: torch.device) -> None:
+    """Load a checkpoint's tensors and random states into freshly built components."""
+    model.load_state_dict(saved["model"])
+    estimator.load_state_dict(saved["estimator"])
+    optimizer.load_state_dict(saved["optimizer"])
+    sampler.load_state_dict(saved["sampler"])
+    torch.set_rng_state(saved["rng"]["cpu"])
+    if device.type == "cuda" and "cuda" in saved["rng"]:  # a CPU checkpoint has none
+        torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -37,25 +65,25 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise CheckpointError(f"{path} cannot be read ({e}); it is damaged or not a gvae checkpoint") from e
+    if isinstance(state, dict) and "best_val" in state and "val_nelbo_best" not in state:
+        state["val_nelbo_best"] = state.pop("best_val")  # its name before 2026-11
     missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
     if missing:
         raise CheckpointError(f"{path} is not a gvae checkpoint: missing {missing}")
     return state
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """{dotted.key: value} for the dicts in a plain config container; lists stay values."""
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    return {k: v for key, child in node.items() for k, v in _flatten(child, f"{prefix}{key}.").items()}
-
-
-def check_compatible(path: Path, saved: dict[str, Any], cfg: DictConfig) -> None:
+def check_compatible(path: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
     """CheckpointError naming every run-defining key whose value differs between the checkpoint's
-    config and `cfg`: resuming with another model, estimator, data, schedule or optimizer would
-    fail inside load_state_dict, or worse, silently train a different run."""
-    old = _flatten(saved)
-    new = _flatten(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    config and `config` (plain values): resuming with another model, estimator, data, schedule or
+    optimizer would fail inside load_state_dict, or worse, silently train a different run. The
+    saved config is typed again first, so keys added to gvae since it was written count as their
+    defaults."""
+    try:
+        old = flatten(container(config_from_dict(saved)))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    new = flatten(config)
 
     def run_defining(key: str) -> bool:
         return key not in RESUMABLE_KEYS and any(key == k or key.startswith(k + ".") for k in RUN_KEYS)
@@ -70,3 +98,4 @@ def check_compatible(path: Path, saved: dict[str, Any], cfg: DictConfig) -> None
             f"{path} was written by a different configuration ({details}). Resume with the "
             "checkpoint's values, or start a new run folder (another hydra.run.dir)."
         )
+

@@ -1,15 +1,21 @@
-"""Structured-config schemas: the typed shape of every config group.
+"""The run's configuration: the root schema, the schemas of the train/eval/optim groups, their
+registration with Hydra, and `validate`, which turns a composed config into typed objects.
 
-Hydra merges the YAML files in configs/ onto these dataclasses, so a misspelt key or a value
-of the wrong type stops the program at start-up with the key's full name. Range checks that
-a type cannot express live in `validate`, which runs before anything else.
+Each component owns the schema of its group (data.py, mnist.py, synthetic.py, model.py,
+schedules.py, estimators.py); this module assembles them. Hydra merges the YAML files in configs/
+onto the schemas, so a misspelt key or a value of the wrong type stops the program at start-up
+with the key's full name; `validate` adds the range checks a type cannot express and returns the
+config as plain dataclasses, so that nothing after start-up reads through OmegaConf.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 import importlib.resources
 import importlib.util
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,38 +26,17 @@ from typing import Any
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from gvae.errors import ConfigError
+from gvae.data import DataConfig
+from gvae.errors import ConfigError, require
+from gvae.estimators import ESTIMATORS, EstimatorConfig, estimator_help
+from gvae.mnist import MNISTConfig
+from gvae.model import ModelConfig
+from gvae.schedules import SCHEDULES, ScheduleConfig
+from gvae.synthetic import SyntheticConfig
 
-
-class Binarization(str, Enum):
-    static = "static"  # sampled once with a fixed seed (the paper's fixed binarization)
-    dynamic = "dynamic"  # resampled every training batch
-    threshold = "threshold"  # pixel > 0.5
-    none = "none"  # grey levels used as Bernoulli targets (the authors' notebook)
-
-
-class LatentType(str, Enum):
-    categorical = "categorical"
-    bernoulli = "bernoulli"
-
-
-class Prior(str, Enum):
-    uniform = "uniform"
-    learned = "learned"
-
-
-class Activation(str, Enum):
-    relu = "relu"
-    elu = "elu"
-    tanh = "tanh"
-    leaky_relu = "leaky_relu"
-    gelu = "gelu"
-
-
-class ScheduleName(str, Enum):
-    exponential = "exponential"
-    constant = "constant"
+DATASETS = {"mnist": MNISTConfig, "synthetic": SyntheticConfig}
 
 
 class Precision(str, Enum):
@@ -59,55 +44,12 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
-@dataclass
-class DataConfig:
-    root: str = "auto"  # $GVAE_DATA_DIR, else ./data if it holds MNIST, else the per-user cache
-    download: bool = True  # fetch MNIST with torchvision when it is missing
-    mirrors: list[str] = field(default_factory=list)  # folder URLs to download from; empty: torchvision's
-    binarization: Binarization = Binarization.static
-    num_train: int = 50_000
-    num_val: int = 10_000
-    split_seed: int = 0
-    binarize_seed: int = 0
-
-
-@dataclass
-class ModelConfig:
-    latent: LatentType = LatentType.categorical
-    num_vars: int = 20
-    num_classes: int = 10
-    hidden: list[int] = field(default_factory=lambda: [512, 256])
-    activation: Activation = Activation.relu
-    prior: Prior = Prior.uniform
-
-
-@dataclass
-class ScheduleConfig:
-    name: ScheduleName = ScheduleName.exponential
-    tau0: float = 1.0
-    rate: float = 3e-5
-    every: int = 1000
-    tau_min: float = 0.5
-
-
-@dataclass
-class AdamConfig:
-    _target_: str = "torch.optim.Adam"
-    _partial_: bool = True
-    lr: float = 1e-3
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-
-
-@dataclass
-class SGDConfig:
-    _target_: str = "torch.optim.SGD"
-    _partial_: bool = True
-    lr: float = 1e-3
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
+class StepMode(str, Enum):
+    auto = "auto"  # graph on CUDA, eager on the CPU
+    eager = "eager"
+    compile = "compile"
+    graph = "graph"  # CUDA only
+    compile_graph = "compile_graph"  # CUDA only
 
 
 @dataclass
@@ -118,31 +60,128 @@ class TrainConfig:
     eval_every: int = 5_000
     ckpt_every: int = 10_000
     precision: Precision = Precision.fp32
-    compile: str = "auto"
-    resume: bool = False
+    compile: StepMode = StepMode.auto
+    resume: bool = False  # continue from this run folder's checkpoints/last.pt
+
+    def check(self, key: str) -> None:
+        for name in ("max_steps", "batch_size", "log_every", "eval_every", "ckpt_every"):
+            require(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "must be >= 1")
 
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 1000
-    batch_size: int = 1000
-    max_rows: int = 250_000
-    images: bool = True
+    num_samples: int = 1000  # m of the multi-sample test bound
+    batch_size: int = 1000  # images per pass for the single-sample bounds
+    max_rows: int = 250_000  # (image, sample) pairs per decoder pass for the m-sample bound
+    images: bool = True  # image grids in TensorBoard at each evaluation
     relaxed: bool = False  # gvae-eval: also the relaxed-sample test loss (not a bound)
+
+    def check(self, key: str) -> None:
+        for name in ("num_samples", "batch_size", "max_rows"):
+            require(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """Base schema of the `optim` group: a torch.optim class, built by hydra.utils.instantiate once
+    the parameters exist (`_partial_`)."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def check(self, key: str) -> None:
+        module, _, name = str(self._target_).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except (ImportError, ValueError):
+            cls = None
+        require(isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer), f"{key}._target_",
+                self._target_, "a torch.optim.Optimizer class (optim=adam or optim=sgd)")
+        require(self.lr > 0, f"{key}.lr", self.lr, "must be > 0")
+        require(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, "must be >= 0")
+
+
+@dataclass
+class AdamConfig(OptimConfig):
+    _target_: str = "torch.optim.Adam"
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        require(ok, f"{key}.betas", list(self.betas), "two numbers in [0, 1)")
+        require(self.eps > 0, f"{key}.eps", self.eps, "must be > 0")
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    _target_: str = "torch.optim.SGD"
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(self.momentum >= 0, f"{key}.momentum", self.momentum, "must be >= 0")
+        require(not self.nesterov or self.momentum > 0, f"{key}.nesterov", self.nesterov,
+                f"Nesterov momentum needs {key}.momentum > 0")
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
-    # Estimators take their own options, checked against the estimator's signature when built.
-    estimator: dict[str, Any] = field(default_factory=lambda: {"name": MISSING})
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    optim: Any = MISSING
+    estimator: EstimatorConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    optim: OptimConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
     device: str = "auto"
+
+    def check(self) -> None:
+        """Every range check, each group's own first; ConfigError naming the first bad key."""
+        require(DATASETS.get(self.data.name) is type(self.data), "data.name", self.data.name,
+                f"one of {sorted(DATASETS)}, chosen with data=NAME")
+        self.data.check("data")
+        self.model.check("model", list(self.data.image_shape))
+        self.estimator.check("estimator")
+        self.schedule.check("schedule")
+        self.optim.check("optim")
+        self.train.check("train")
+        self.eval.check("eval")
+        require(self.data.num_train >= self.train.batch_size, "data.num_train", self.data.num_train,
+                f"must be >= train.batch_size={self.train.batch_size}")
+        resolve_device(self.device)
+
+
+# -----------------------------------------------------------------------------
+# Hydra: registration, where the YAML files are, composing
+
+
+def import_extensions() -> None:
+    """Import the modules named in $GVAE_IMPORT (comma-separated), where your own estimators live:
+    their @register makes `estimator=NAME` known before Hydra composes the config."""
+    for name in filter(None, (n.strip() for n in os.environ.get("GVAE_IMPORT", "").split(","))):
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise ConfigError(f"$GVAE_IMPORT names {name!r}, which cannot be imported: {e}") from None
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore, and the help's resolvers in OmegaConf (idempotent).
+    The estimators' schemas are stored by their @register."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    for group, options in (("data", DATASETS), ("schedule", SCHEDULES),
+                           ("optim", {"adam": AdamConfig, "sgd": SGDConfig})):
+        for name, node in options.items():
+            cs.store(group=group, name=f"{name}_schema", node=node)
+    OmegaConf.register_new_resolver("gvae_config_groups", config_groups_help, replace=True)
+    OmegaConf.register_new_resolver("gvae_estimators", estimator_help, replace=True)
 
 
 def config_path() -> str:
@@ -193,64 +232,44 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         return compose(config_name="config", overrides=overrides or [])
 
 
-def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore, and the help's resolver in OmegaConf (idempotent)."""
-    OmegaConf.register_new_resolver("gvae_config_groups", config_groups_help, replace=True)
-    cs = ConfigStore.instance()
-    cs.store(name="schema", node=Config)
-    cs.store(group="optim", name="adam_schema", node=AdamConfig)
-    cs.store(group="optim", name="sgd_schema", node=SGDConfig)
+# -----------------------------------------------------------------------------
+# validation: composed config -> typed objects
 
 
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+def _schema_keys(node: Any, prefix: str = "") -> Iterator[tuple[str, list[str]]]:
+    """(key, the keys its schema allows) for every key of a composed config, depth first."""
+    schema = OmegaConf.get_type(node)
+    allowed = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        if allowed is not None:
+            yield full, [f"{prefix}{a}" for a in allowed]
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            yield from _schema_keys(child, f"{full}.")
 
 
-def validate(cfg: Any) -> None:
-    """Range checks the schema's types cannot express; raise ConfigError naming the first bad key."""
-    from gvae.estimators import check_estimator_config
-    from gvae.step import MODES
+def check_known_keys(cfg: DictConfig) -> None:
+    """ConfigError naming a key that no schema knows (as `+train.max_step=10` adds one), with the
+    closest known key."""
+    for key, allowed in _schema_keys(cfg):
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; the keys here: {', '.join(allowed)}"
+            raise ConfigError(f"{key} is not a config key{hint}")
 
-    s, m, t, e, d = cfg.schedule, cfg.model, cfg.train, cfg.eval, cfg.data
-    _require(s.tau0 > 0, "schedule.tau0", s.tau0, "must be > 0")
-    _require(s.tau_min > 0, "schedule.tau_min", s.tau_min, "must be > 0")
-    if ScheduleName(s.name) is ScheduleName.exponential:
-        _require(s.tau_min <= s.tau0, "schedule.tau_min", s.tau_min, f"must be <= schedule.tau0={s.tau0}")
-    _require(s.rate >= 0, "schedule.rate", s.rate, "must be >= 0")
-    _require(s.every >= 1, "schedule.every", s.every, "must be >= 1")
-    _require(m.num_vars >= 1, "model.num_vars", m.num_vars, "must be >= 1")
-    if LatentType(m.latent) is LatentType.categorical:
-        _require(m.num_classes >= 2, "model.num_classes", m.num_classes, "must be >= 2")
-    _require(all(h >= 1 for h in m.hidden), "model.hidden", list(m.hidden), "layer sizes must be >= 1")
-    for key in ("max_steps", "batch_size", "log_every", "eval_every", "ckpt_every"):
-        _require(t[key] >= 1, f"train.{key}", t[key], "must be >= 1")
-    _require(t.compile in MODES, "train.compile", t.compile, f"one of {list(MODES)}")
-    for key in ("num_samples", "batch_size", "max_rows"):
-        _require(e[key] >= 1, f"eval.{key}", e[key], "must be >= 1")
-    _require(d.num_val >= 1, "data.num_val", d.num_val, "must be >= 1")
-    _require(d.num_train >= t.batch_size, "data.num_train", d.num_train,
-             f"must be >= train.batch_size={t.batch_size}")
-    _require(d.num_train + d.num_val <= 60_000, "data.num_train", d.num_train,
-             f"data.num_train + data.num_val (={d.num_val}) must be <= 60000, MNIST's training images")
-    _require_optimizer(cfg.optim.get("_target_"))
-    _require(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+
+def validate(cfg: DictConfig) -> Config:
+    """Check the composed config (unknown keys, missing values, ranges) before anything is built
+    or written; return it as typed dataclasses. ConfigError names the first bad key."""
+    check_known_keys(cfg)
     try:
-        check_estimator_config(cfg.estimator)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    resolve_device(cfg.device)
-
-
-def _require_optimizer(target: Any) -> None:
-    """The optimizer's `_target_` must name a torch.optim.Optimizer class."""
-    module, _, name = str(target).rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module), name, None)
-    except (ImportError, ValueError):
-        cls = None
-    _require(isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer), "optim._target_", target,
-             "a torch.optim.Optimizer class (optim=adam or optim=sgd)")
+        typed = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "the config"
+        raise ConfigError(f"{key}: {str(e).splitlines()[0]}") from None
+    typed.check()
+    return typed
 
 
 def resolve_device(name: str) -> torch.device:
@@ -261,10 +280,49 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"device={name!r} is not allowed: one of auto, cpu, cuda, cuda:N") from None
-    _require(device.type in ("cpu", "cuda"), "device", name, "one of auto, cpu, cuda, cuda:N")
+    require(device.type in ("cpu", "cuda"), "device", name, "one of auto, cpu, cuda, cuda:N")
     if device.type == "cuda":
-        _require(torch.cuda.is_available(), "device", name, "CUDA is not available on this machine")
+        require(torch.cuda.is_available(), "device", name, "CUDA is not available on this machine")
         index = device.index or 0
         count = torch.cuda.device_count()
-        _require(index < count, "device", name, f"this machine has {count} CUDA device(s)")
+        require(index < count, "device", name, f"this machine has {count} CUDA device(s)")
     return device
+
+
+OPTIMIZERS = {"torch.optim.Adam": AdamConfig, "torch.optim.SGD": SGDConfig}
+
+
+def config_from_dict(values: dict[str, Any]) -> DictConfig:
+    """A run's saved config (plain values, as in a checkpoint or .hydra/config.yaml) typed again with
+    each group's schema, chosen by the group's name. Keys added to a schema since the run was
+    made take their defaults, which is what the older code did."""
+    def pick(options: dict[str, type], group: str, key: str, default: str | None = None) -> Any:
+        name = (values.get(group) or {}).get(key, default)
+        if name not in options:
+            raise ConfigError(f"{group}.{key}={name!r} in a saved config is not known here: "
+                              f"one of {sorted(options)}")
+        return options[name]()
+
+    schemas = {"data": DATASETS, "estimator": {n: c.config for n, c in ESTIMATORS.items()},
+               "schedule": SCHEDULES, "optim": OPTIMIZERS}
+    schema = Config(data=pick(DATASETS, "data", "name", "mnist"),
+                    estimator=pick(schemas["estimator"], "estimator", "name"),
+                    schedule=pick(SCHEDULES, "schedule", "name"), optim=pick(OPTIMIZERS, "optim", "_target_"))
+    names = [f.name for f in dataclasses.fields(Config)]
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), {k: values[k] for k in names if k in values})
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"a saved config does not fit today's schema: {str(e).splitlines()[0]}") from None
+
+
+def container(cfg: DictConfig | Config) -> dict[str, Any]:
+    """The config as plain dicts and lists (enums as their names), for checkpoints and logs."""
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.structured(cfg)
+    return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+
+
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted.key: value} for the dicts of a plain config container; lists stay values."""
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    return {k: v for key, child in node.items() for k, v in flatten(child, f"{prefix}{key}.").items()}

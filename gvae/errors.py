@@ -1,5 +1,9 @@
 """The failures gvae reports as one clear message instead of a traceback."""
 
+from __future__ import annotations
+
+from typing import Any
+
 
 class GvaeError(RuntimeError):
     """Base class: the message says what went wrong and what to do."""
@@ -10,7 +14,7 @@ class ConfigError(GvaeError):
 
 
 class DataError(GvaeError):
-    """The MNIST files are missing, truncated or corrupt; the message names the file."""
+    """The dataset's files are missing, truncated or corrupt; the message names the file."""
 
 
 class CheckpointError(GvaeError):
@@ -27,3 +31,9 @@ class Interrupted(GvaeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """ConfigError "key=value is not allowed: allowed" unless ok."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")

@@ -1,34 +1,63 @@
-"""Gradient estimators for discrete latents, behind one interface.
+"""Gradient estimators for discrete latents, behind one interface, each with its typed options.
 
 An estimator gets the encoder's logits, the temperature and `f`, the per-example loss as a
 function of a code (the reconstruction NLL). It returns a surrogate whose mean has the
-estimator's gradient, and f's value at the sample. Adding an estimator: a subclass with
-@register("name") here, plus configs/estimator/name.yaml.
+estimator's gradient, and f's value at the sample. Adding an estimator is one class here (or in
+any imported module) and one configs/estimator/NAME.yaml:
+
+    @dataclass
+    class MyConfig(EstimatorConfig):          # its options, typed, with their defaults
+        name: str = "mine"
+        scale: float = 1.0
+
+    @register(MyConfig)
+    class Mine(Estimator): ...                # self.cfg is a MyConfig
+
+and the YAML holds `defaults: [mine_schema, _self_]` (Hydra's structured-config schema pattern:
+`register` stores MyConfig in Hydra's ConfigStore as estimator/mine_schema).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from omegaconf import OmegaConf
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
 from torch import nn
 
-from gvae.errors import ConfigError
+from gvae.errors import require
 from gvae.latents import Latent
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class EstimatorConfig:
+    """Base schema of the `estimator` group: the registered name; subclasses add their options."""
+
+    name: str = MISSING
+
+    def check(self, key: str) -> None:
+        """Range checks of the options (their types are checked by the schema)."""
+        require(self.name in ESTIMATORS, f"{key}.name", self.name, f"one of {sorted(ESTIMATORS)}")
+        require(isinstance(self, ESTIMATORS[self.name].config), f"{key}.name", self.name,
+                f"these options are {type(self).__name__}'s; choose another estimator with estimator=NAME")
+
+
 ESTIMATORS: dict[str, type[Estimator]] = {}
 
 
-def register(name: str):
-    """Class decorator: make an estimator selectable as `estimator=name`."""
+def register(config: type[EstimatorConfig]):
+    """Class decorator: make an estimator selectable as `estimator=NAME`, NAME its config's name,
+    with `config` as its typed options (stored as estimator/NAME_schema for its YAML to name)."""
+    name = config.name
 
     def add(cls: type[Estimator]) -> type[Estimator]:
         ESTIMATORS[name] = cls
-        cls.name = name
+        cls.name, cls.config = name, config
+        ConfigStore.instance().store(group="estimator", name=f"{name}_schema", node=config)
         return cls
 
     return add
@@ -38,10 +67,11 @@ class Estimator(nn.Module):
     """Base class. Subclasses implement `forward`; state (baselines) lives in buffers."""
 
     name: str
+    config: type[EstimatorConfig]
 
-    def __init__(self, latent: Latent):
+    def __init__(self, latent: Latent, cfg: EstimatorConfig):
         super().__init__()
-        self.latent = latent
+        self.latent, self.cfg = latent, cfg
 
     def forward(
         self, logits: torch.Tensor, tau: torch.Tensor, f: LossFn
@@ -75,7 +105,12 @@ class Reparameterized(Estimator):
         return value, value.detach()
 
 
-@register("gumbel_softmax")
+@dataclass
+class GumbelSoftmaxConfig(EstimatorConfig):
+    name: str = "gumbel_softmax"
+
+
+@register(GumbelSoftmaxConfig)
 class GumbelSoftmax(Reparameterized):
     """Relaxed Gumbel-Softmax / binary Concrete sample (Jang et al. 2017; Maddison et al. 2017)."""
 
@@ -83,7 +118,12 @@ class GumbelSoftmax(Reparameterized):
         return self.latent.relax(logits + self.latent.noise(logits), tau)
 
 
-@register("st_gumbel_softmax")
+@dataclass
+class STGumbelSoftmaxConfig(EstimatorConfig):
+    name: str = "st_gumbel_softmax"
+
+
+@register(STGumbelSoftmaxConfig)
 class STGumbelSoftmax(Reparameterized):
     """Straight-through Gumbel-Softmax: exact sample forward, relaxed gradient backward (Jang et al. 2017)."""
 
@@ -92,7 +132,12 @@ class STGumbelSoftmax(Reparameterized):
         return straight_through(self.latent.harden(perturbed), self.latent.relax(perturbed, tau))
 
 
-@register("straight_through")
+@dataclass
+class StraightThroughConfig(EstimatorConfig):
+    name: str = "straight_through"
+
+
+@register(StraightThroughConfig)
 class StraightThrough(Reparameterized):
     """Straight-through: exact sample forward, gradient of the mean code p backward (Bengio et al. 2013).
 
@@ -107,7 +152,12 @@ class StraightThrough(Reparameterized):
         return straight_through(self.latent.sample(logits.detach()), self.soft(logits, tau))
 
 
-@register("slope_annealed_st")
+@dataclass
+class SlopeAnnealedSTConfig(EstimatorConfig):
+    name: str = "slope_annealed_st"
+
+
+@register(SlopeAnnealedSTConfig)
 class SlopeAnnealedST(StraightThrough):
     """Slope-annealed straight-through, slope 1/tau following the temperature schedule (Chung et al. 2016).
 
@@ -123,6 +173,21 @@ class SlopeAnnealedST(StraightThrough):
 # score-function estimators: exact samples, f(z) times the gradient of log q(z)
 
 
+@dataclass
+class ScoreFunctionOptions(EstimatorConfig):
+    """Options of the score-function estimators: `decay` of the moving averages (0.8, the alpha of
+    Mnih & Gregor) and `min_var`: the scale is 1 / sqrt(max(var, min_var)); 1.0 gives Mnih &
+    Gregor's 1 / max(1, std)."""
+
+    decay: float = 0.8
+    min_var: float = 1.0
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(0.0 <= self.decay < 1.0, f"{key}.decay", self.decay, "must be in [0, 1)")
+        require(self.min_var > 0.0, f"{key}.min_var", self.min_var, "must be > 0")
+
+
 class ScoreFunctionBase(Estimator):
     """A learning signal times grad log q(z), centred by a moving-average baseline, with variance
     normalization (Mnih & Gregor 2014): the encoder's gradient divided by a moving estimate of the
@@ -131,20 +196,14 @@ class ScoreFunctionBase(Estimator):
     In Mnih & Gregor the KL terms are part of the learning signal, so normalization rescales the
     encoder's whole gradient; here the objective adds the KL analytically, so to keep the two
     terms in proportion the scale is applied to the total gradient reaching the logits (KL
-    included) by a hook. The decoder's gradient is not rescaled.
-    Options: `decay` of both moving averages (0.8, the alpha of Mnih & Gregor), and `min_var`:
-    the scale is 1 / sqrt(max(var, min_var)); 1.0 gives Mnih & Gregor's 1 / max(1, std).
+    included) by a hook. The decoder's gradient is not rescaled. Options: ScoreFunctionOptions.
     """
 
     per_variable = False  # one learning signal per example, or one per latent variable
 
-    def __init__(self, latent: Latent, decay: float = 0.8, min_var: float = 1.0):
-        super().__init__(latent)
-        if not 0.0 <= decay < 1.0:
-            raise ConfigError(f"estimator.decay={decay!r} is not allowed: must be in [0, 1)")
-        if not min_var > 0.0:
-            raise ConfigError(f"estimator.min_var={min_var!r} is not allowed: must be > 0")
-        self.decay, self.min_var = decay, min_var
+    def __init__(self, latent: Latent, cfg: ScoreFunctionOptions):
+        super().__init__(latent, cfg)
+        self.decay, self.min_var = cfg.decay, cfg.min_var
         shape = (latent.num_vars,) if self.per_variable else ()
         self.register_buffer("mean", torch.zeros(shape))
         self.register_buffer("var", torch.ones(shape))
@@ -178,7 +237,12 @@ class ScoreFunctionBase(Estimator):
         return self.latent.flatten(t).sum(-1)
 
 
-@register("score_function")
+@dataclass
+class ScoreFunctionConfig(ScoreFunctionOptions):
+    name: str = "score_function"
+
+
+@register(ScoreFunctionConfig)
 class ScoreFunction(ScoreFunctionBase):
     """REINFORCE, moving-average baseline and variance normalization (Williams 1992; Mnih & Gregor 2014).
 
@@ -195,7 +259,12 @@ class ScoreFunction(ScoreFunctionBase):
         return value + signal * self.latent.log_prob(z, logits), value.detach()
 
 
-@register("darn")
+@dataclass
+class DARNConfig(ScoreFunctionOptions):
+    name: str = "darn"
+
+
+@register(DARNConfig)
 class DARN(ScoreFunctionBase):
     """DARN: per-variable learning signal from a first-order Taylor expansion (Gregor et al. 2014).
 
@@ -224,7 +293,12 @@ class DARN(ScoreFunctionBase):
         return surrogate, value.detach()
 
 
-@register("muprop")
+@dataclass
+class MuPropConfig(ScoreFunctionOptions):
+    name: str = "muprop"
+
+
+@register(MuPropConfig)
 class MuProp(ScoreFunctionBase):
     """MuProp: first-order Taylor expansion at the mean code as control variate (Gu et al. 2016).
 
@@ -252,22 +326,6 @@ class MuProp(ScoreFunctionBase):
         return surrogate, value.detach()
 
 
-def check_estimator_config(cfg: Mapping[str, Any]) -> tuple[type[Estimator], dict[str, Any]]:
-    """The estimator class `cfg["name"]` and its options; ValueError naming a bad key."""
-    options = dict(cfg)
-    name = options.pop("name", None)
-    if name not in ESTIMATORS:
-        raise ValueError(f"estimator.name={name!r} is not allowed: one of {sorted(ESTIMATORS)}")
-    cls = ESTIMATORS[name]
-    allowed = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "latent")]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"estimator.{unknown[0]} is not an option of estimator {name!r}; its options: {allowed or 'none'}"
-        )
-    return cls, options
-
-
 def estimator_help() -> str:
     """One line per registered estimator: its name and the first line of its docstring."""
     width = max(map(len, ESTIMATORS))
@@ -279,7 +337,8 @@ def estimator_help() -> str:
 OmegaConf.register_new_resolver("gvae_estimators", estimator_help, replace=True)
 
 
-def build_estimator(cfg: Mapping[str, Any], latent: Latent) -> Estimator:
-    """Build the estimator `cfg["name"]` with the rest of cfg as its options."""
-    cls, options = check_estimator_config(cfg)
-    return cls(latent, **options)
+def build_estimator(cfg: EstimatorConfig, latent: Latent) -> Estimator:
+    """The estimator that `cfg` (its typed options) names, for `latent`."""
+    if OmegaConf.is_config(cfg):  # a composed node, not yet turned into its dataclass
+        cfg = OmegaConf.to_object(cfg)
+    return ESTIMATORS[cfg.name](latent, cfg)

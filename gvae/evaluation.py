@@ -14,6 +14,7 @@ the training random stream is untouched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -21,18 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from gvae.config import EvalConfig, resolve_device
+from gvae.config import EvalConfig, import_extensions, resolve_device
 from gvae.data import Splits, load_splits
 from gvae.errors import ConfigError, GvaeError
 from gvae.files import write_json
 from gvae.model import VAE
 from gvae.objective import multi_sample_bound, negative_elbo, relaxed_negative_elbo
 from gvae.runs import find_runs, load_model, read_json, run_config, unfinished
-from gvae.schedules import temperature
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +96,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], force: bool = False) -> di
     cfg = run_config(run_dir, overrides, EVAL_KEYS)
     if why := unfinished(run_dir):
         return why
-    eval_settings = OmegaConf.to_container(cfg.eval)
+    eval_settings = dataclasses.asdict(cfg.eval)
     previous = read_json(run_dir / "eval.json")
     device = resolve_device(cfg.device)
     model, step = load_model(run_dir, cfg, device)
@@ -106,7 +105,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], force: bool = False) -> di
     log.info("%s: step %d, m = %d, on %s", run_dir, step, cfg.eval.num_samples, device)
     t0 = time.perf_counter()
     splits = load_splits(cfg.data, device)
-    tau = temperature(cfg.schedule, step) if cfg.eval.relaxed else None
+    tau = cfg.schedule.temperature(step) if cfg.eval.relaxed else None
     figures = evaluate(model, splits, cfg.eval, ("val", "test"), bound=True, relaxed_tau=tau, progress=True)
     record = {
         "step": step, **figures, "num_samples": cfg.eval.num_samples,
@@ -145,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in args.items if "=" in a]
     paths = [Path(a) for a in args.items if "=" not in a]
     try:
+        import_extensions()
         runs = find_runs(paths)
     except GvaeError as e:
         log.error("error: %s", e)

@@ -1,30 +1,55 @@
-"""The VAE: an MLP encoder to latent logits, a discrete latent, an MLP decoder to Bernoulli logits."""
+"""The VAE: an encoder to latent logits, a discrete latent, a decoder to Bernoulli pixel logits;
+and the `model` group's schema."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import nn
 
-from gvae.config import Activation, LatentType, ModelConfig, Prior
+from gvae.errors import require
 from gvae.latents import Bernoulli, Categorical, Latent
-
-ACTIVATIONS = {
-    Activation.relu: nn.ReLU,
-    Activation.elu: nn.ELU,
-    Activation.tanh: nn.Tanh,
-    Activation.leaky_relu: nn.LeakyReLU,
-    Activation.gelu: nn.GELU,
-}
+from gvae.nets import Activation, Net, build_nets
 
 
-def mlp(sizes: list[int], activation: type[nn.Module]) -> nn.Sequential:
-    """Linear layers with `activation` between them and none after the last."""
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    return nn.Sequential(*layers)
+class LatentType(str, Enum):
+    categorical = "categorical"
+    bernoulli = "bernoulli"
+
+
+class Prior(str, Enum):
+    uniform = "uniform"
+    learned = "learned"
+
+
+@dataclass
+class ModelConfig:
+    """Schema of the `model` group: the latent (type, size, prior) and the network around it."""
+
+    latent: LatentType = LatentType.categorical
+    num_vars: int = 20
+    num_classes: int = 10  # categorical only
+    prior: Prior = Prior.uniform
+    net: Net = Net.mlp
+    hidden: list[int] = field(default_factory=lambda: [512, 256])  # dense layers, encoder order
+    activation: Activation = Activation.relu
+    channels: list[int] = field(default_factory=lambda: [32, 64])  # net=conv: per stride-2 layer
+
+    def check(self, key: str, image_shape: list[int]) -> None:
+        require(self.num_vars >= 1, f"{key}.num_vars", self.num_vars, "must be >= 1")
+        if LatentType(self.latent) is LatentType.categorical:
+            require(self.num_classes >= 2, f"{key}.num_classes", self.num_classes, "must be >= 2")
+        require(all(h >= 1 for h in self.hidden), f"{key}.hidden", list(self.hidden),
+                "layer sizes must be >= 1")
+        if Net(self.net) is Net.conv:
+            scale = 2 ** len(self.channels)
+            require(len(self.channels) >= 1 and all(c >= 1 for c in self.channels), f"{key}.channels",
+                    list(self.channels), "one or more channel counts, each >= 1")
+            require(image_shape[1] % scale == 0 and image_shape[2] % scale == 0, f"{key}.channels",
+                    list(self.channels), f"{len(self.channels)} stride-2 layers need the image's height and "
+                    f"width ({image_shape[1]}x{image_shape[2]}) divisible by {scale}")
 
 
 def make_latent(cfg: ModelConfig) -> Latent:
@@ -34,19 +59,18 @@ def make_latent(cfg: ModelConfig) -> Latent:
 
 
 class VAE(nn.Module):
-    """784-hidden-(latent) encoder and (latent)-reversed(hidden)-784 decoder, as in the authors' notebook.
+    """Encoder, latent and decoder for images of `image_shape`, as in the authors' notebook with
+    the default MLP (784-512-256-(N*K) and back; `hidden=[]` gives the paper's literal 784-(20x10)
+    form). The encoder's output logits have no activation. The prior is uniform (a fixed
+    zero-logit buffer) or learned (a parameter)."""
 
-    `hidden=[]` gives the paper's literal 784-(20x10)-784 form. The encoder's output logits have
-    no activation. The prior is uniform (a fixed zero-logit buffer) or learned (a parameter).
-    """
-
-    def __init__(self, cfg: ModelConfig, num_pixels: int = 784):
+    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, ...] | list[int]):
         super().__init__()
+        self.image_shape = tuple(image_shape)
         self.latent = make_latent(cfg)
-        act = ACTIVATIONS[Activation(cfg.activation)]
-        hidden = list(cfg.hidden)
-        self.encoder = mlp([num_pixels, *hidden, self.latent.num_logits], act)
-        self.decoder = mlp([self.latent.code_size, *reversed(hidden), num_pixels], act)
+        self.encoder, self.decoder = build_nets(
+            cfg.net, self.image_shape, list(cfg.hidden), list(cfg.channels), cfg.activation,
+            self.latent.num_logits, self.latent.code_size)
         prior_logits = torch.zeros(self.latent.shape)
         if Prior(cfg.prior) is Prior.learned:
             self.prior_logits = nn.Parameter(prior_logits)
@@ -54,11 +78,11 @@ class VAE(nn.Module):
             self.register_buffer("prior_logits", prior_logits)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, 784) to latent logits of the latent's shape, float32."""
+        """Images (B, pixels) to latent logits of the latent's shape, float32."""
         return self.latent.logits(self.encoder(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Codes to Bernoulli pixel logits (B, 784)."""
+        """Codes to Bernoulli pixel logits (B, pixels)."""
         return self.decoder(self.latent.flatten(z))
 
     def prior_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:

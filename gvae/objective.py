@@ -27,10 +27,52 @@ def recon_nll(pixel_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return F.softplus(pixel_logits).sum(-1) - torch.einsum("...p,...p->...", pixel_logits, x)
 
 
+class TrainStats:
+    """One step's training figures, batch means on the device (reading them syncs; adding does not):
+
+    - `surrogate`: the loss the optimizer minimises (for a score-function estimator its value is
+      not the negative ELBO; only its gradient means something),
+    - `nelbo` = `recon` + `kl`: the negative ELBO at the training sample (for a relaxed estimator,
+      at the relaxed sample, so not a bound).
+
+    Kept as one tensor so that accumulating a step's figures is one kernel, and a captured CUDA
+    graph has one output.
+    """
+
+    NAMES = ("surrogate", "nelbo", "recon", "kl")
+
+    def __init__(self, values: torch.Tensor):
+        self.values = values
+
+    @classmethod
+    def of(cls, **figures: torch.Tensor) -> TrainStats:
+        return cls(torch.stack([figures[name].detach().float() for name in cls.NAMES]))
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> TrainStats:
+        return cls(torch.zeros(len(cls.NAMES), device=device))
+
+    def add_(self, other: TrainStats) -> TrainStats:
+        self.values += other.values
+        return self
+
+    def clone(self) -> TrainStats:
+        return TrainStats(self.values.clone())
+
+    def means(self, count: int) -> dict[str, float]:
+        """The figures divided by `count`, on the host: the one synchronisation."""
+        return dict(zip(self.NAMES, (self.values / count).tolist(), strict=True))
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        if name in TrainStats.NAMES:
+            return self.values[TrainStats.NAMES.index(name)]
+        raise AttributeError(name)
+
+
 def training_loss(
     model: VAE, estimator: Estimator, x: torch.Tensor, tau: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss to minimise and its parts [loss, recon, kl] (batch means, detached).
+) -> tuple[torch.Tensor, TrainStats]:
+    """The loss to minimise and the step's figures.
 
     Negative ELBO = E_q[-log p(x|z)] + KL(q(z|x) || p(z)) (Kingma & Welling 2014). The KL is
     analytic, so only the reconstruction term goes through the estimator. With a relaxed
@@ -41,7 +83,7 @@ def training_loss(
     surrogate, recon = estimator(logits, tau, lambda z: recon_nll(model.decode(z), x))
     loss = surrogate.mean() + kl.mean()
     recon, kl = recon.mean(), kl.detach().mean()
-    return loss, torch.stack([recon + kl, recon, kl])
+    return loss, TrainStats.of(surrogate=loss, nelbo=recon + kl, recon=recon, kl=kl)
 
 
 @torch.no_grad()

@@ -6,18 +6,17 @@ A run folder is what `gvae-train` writes: `.hydra/config.yaml` (the run's own co
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from gvae.checkpoint import check_compatible, load_checkpoint
-from gvae.config import Config, validate
+from gvae.config import Config, config_from_dict, container, validate
 from gvae.errors import ConfigError, GvaeError
 from gvae.model import VAE
 
@@ -46,16 +45,15 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(runs))  # a run named twice is evaluated once
 
 
-def run_config(run_dir: Path, overrides: list[str] = (), allowed: tuple[str, ...] = ()) -> DictConfig:
+def run_config(run_dir: Path, overrides: list[str] = (), allowed: tuple[str, ...] = ()) -> Config:
     """The run's own config (.hydra/config.yaml, resolved now, so `data.root` follows this machine's
-    $GVAE_DATA_DIR), typed by the schema, with `overrides` ("key=value") applied. Only keys under the
+    $GVAE_DATA_DIR), typed and checked, with `overrides` ("key=value") applied. Only keys under the
     `allowed` prefixes may be overridden: the others say what the checkpoint means."""
     try:
         saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
     except (OSError, OmegaConfBaseException) as e:
         raise RunError(f"{run_dir / '.hydra' / 'config.yaml'} cannot be read: {e}") from e
-    names = [f.name for f in dataclasses.fields(Config)]
-    cfg = OmegaConf.merge(OmegaConf.structured(Config), {k: saved[k] for k in names if k in saved})
+    cfg = config_from_dict(saved)
     for override in overrides:
         key, sep, _ = override.partition("=")
         if not sep or not any(key == p or key.startswith(p + ".") for p in allowed):
@@ -65,8 +63,7 @@ def run_config(run_dir: Path, overrides: list[str] = (), allowed: tuple[str, ...
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as e:
             raise ConfigError(f"{override!r} is not allowed: {str(e).splitlines()[0]}") from None
-    validate(cfg)
-    return cfg
+    return validate(cfg)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -90,14 +87,14 @@ def unfinished(run_dir: Path) -> str | None:
     return None
 
 
-def load_model(run_dir: Path, cfg: DictConfig, device: torch.device) -> tuple[VAE, int]:
+def load_model(run_dir: Path, cfg: Config, device: torch.device) -> tuple[VAE, int]:
     """The trained model of a run, from checkpoints/last.pt (weights_only), and its step."""
     path = run_dir / "checkpoints" / "last.pt"
     if not path.is_file():
         raise RunError(f"{path} does not exist: the run has no checkpoint")
     state = load_checkpoint(path)
-    check_compatible(path, state["config"], cfg)
-    model = VAE(cfg.model).to(device)
+    check_compatible(path, state["config"], container(cfg))
+    model = VAE(cfg.model, cfg.data.image_shape).to(device)
     model.load_state_dict(state["model"])
     model.eval()
     return model, int(state["step"])

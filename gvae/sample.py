@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import save_image
 
+from gvae.config import import_extensions
 from gvae.data import load_splits
 from gvae.errors import GvaeError
 from gvae.runs import load_model, run_config
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num < 1 or args.max_vars < 1:
         parser.error("--num and --max-vars must be >= 1")
     try:
+        import_extensions()
         sample_pictures(args.run, args.out or args.run, args.num, args.seed, args.binary, args.image,
                         args.max_vars, args.device)
     except GvaeError as e:

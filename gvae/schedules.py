@@ -1,10 +1,14 @@
-"""Temperature schedules: pure functions of the optimizer step."""
+"""Temperature schedules: pure functions of the optimizer step, and their typed configs
+(one schema per option of the `schedule` group)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
-from gvae.config import ScheduleConfig, ScheduleName
+from omegaconf import MISSING
+
+from gvae.errors import require
 
 
 def exponential(step: int, tau0: float, rate: float, every: int, tau_min: float) -> float:
@@ -19,8 +23,56 @@ def constant(step: int, tau0: float) -> float:
     return tau0
 
 
-def temperature(cfg: ScheduleConfig, step: int) -> float:
-    """The temperature at `step` under the configured schedule."""
-    if ScheduleName(cfg.name) is ScheduleName.constant:
-        return constant(step, cfg.tau0)
-    return exponential(step, cfg.tau0, cfg.rate, cfg.every, cfg.tau_min)
+@dataclass
+class ScheduleConfig:
+    """Base schema of the `schedule` group: a name and the starting temperature."""
+
+    name: str = MISSING
+    tau0: float = 1.0
+
+    def temperature(self, step: int) -> float:
+        return constant(step, self.tau0)
+
+    def next_change(self, step: int) -> float:
+        """The first step after `step` at which the temperature may differ (inf: never)."""
+        return math.inf
+
+    def check(self, key: str) -> None:
+        require(SCHEDULES.get(self.name) is type(self), f"{key}.name", self.name,
+                f"this schedule's schema is {type(self).__name__}; choose another with schedule=NAME")
+        require(self.tau0 > 0, f"{key}.tau0", self.tau0, "must be > 0")
+
+
+@dataclass
+class ConstantSchedule(ScheduleConfig):
+    """`schedule=constant`: tau0 throughout."""
+
+    name: str = "constant"
+
+
+@dataclass
+class ExponentialSchedule(ScheduleConfig):
+    """`schedule=exponential`: the paper's tau = max(tau_min, tau0 exp(-rate t)), updated every
+    `every` steps (defaults: the authors' notebook)."""
+
+    name: str = "exponential"
+    rate: float = 3e-5
+    every: int = 1000
+    tau_min: float = 0.5
+
+    def temperature(self, step: int) -> float:
+        return exponential(step, self.tau0, self.rate, self.every, self.tau_min)
+
+    def next_change(self, step: int) -> float:
+        return (step // self.every + 1) * self.every
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(self.tau_min > 0, f"{key}.tau_min", self.tau_min, "must be > 0")
+        require(self.tau_min <= self.tau0, f"{key}.tau_min", self.tau_min,
+                f"must be <= {key}.tau0={self.tau0}")
+        require(self.rate >= 0, f"{key}.rate", self.rate, "must be >= 0")
+        require(self.every >= 1, f"{key}.every", self.every, "must be >= 1")
+
+
+SCHEDULES = {"constant": ConstantSchedule, "exponential": ExponentialSchedule}

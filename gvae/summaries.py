@@ -10,17 +10,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
+from gvae.config import container, flatten
 from gvae.model import VAE
 
-IMAGE_SHAPE = (1, 28, 28)
 
-
-def _pixels(images: torch.Tensor) -> torch.Tensor:
-    return images.float().view(-1, *IMAGE_SHAPE).cpu()
-
-
-def _grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
-    return make_grid(_pixels(images), nrow=nrow, pad_value=0.5)
+def _grid(images: torch.Tensor, shape: tuple[int, ...], nrow: int) -> torch.Tensor:
+    """Rows of pixels as a grid of images of `shape`, nrow per row, on grey padding."""
+    return make_grid(images.float().view(-1, *shape).cpu(), nrow=nrow, pad_value=0.5)
 
 
 def _pictures(pixel_logits: torch.Tensor, binary: bool, generator: torch.Generator | None) -> torch.Tensor:
@@ -33,7 +29,8 @@ def _pictures(pixel_logits: torch.Tensor, binary: bool, generator: torch.Generat
 def prior_grid(model: VAE, n: int, generator: torch.Generator | None, binary: bool = False,
                nrow: int = 8) -> torch.Tensor:
     """n images decoded from codes drawn from the prior, nrow per row."""
-    return _grid(_pictures(model.decode(model.prior_sample(n, generator)), binary, generator), nrow)
+    pictures = _pictures(model.decode(model.prior_sample(n, generator)), binary, generator)
+    return _grid(pictures, model.image_shape, nrow)
 
 
 @torch.no_grad()
@@ -45,7 +42,7 @@ def reconstruction_grid(model: VAE, x: torch.Tensor, generator: torch.Generator 
     recon = _pictures(model.decode(model.latent.sample(model.encode(x), generator)), binary, generator)
     rows = len(x) // nrow
     pairs = torch.stack([x.view(rows, nrow, -1), recon.view(rows, nrow, -1)], dim=1).view(2 * len(x), -1)
-    return _grid(pairs, nrow)
+    return _grid(pairs, model.image_shape, nrow)
 
 
 @torch.no_grad()
@@ -57,7 +54,7 @@ def traversal_grid(model: VAE, x: torch.Tensor, max_vars: int = 16, binary: bool
     code = latent.harden(model.encode(x[:1]))
     rows = min(latent.num_vars, max_vars)
     codes = torch.cat([latent.one_value(code, v, k) for v in range(rows) for k in range(latent.num_values)])
-    return _grid(_pictures(model.decode(codes), binary, generator), latent.num_values)
+    return _grid(_pictures(model.decode(codes), binary, generator), model.image_shape, latent.num_values)
 
 
 def log_images(
@@ -89,22 +86,6 @@ def log_layout(writer: SummaryWriter) -> None:
     })
 
 
-def flat_config(cfg: DictConfig | dict) -> dict[str, Any]:
-    """The config as {dotted.key: value}; lists stay values."""
-    container = cfg if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            flat[prefix[:-1]] = node
-
-    walk(container, "")
-    return flat
-
-
 # The hparams view's columns when a run has no command-line settings to show.
 DEFAULT_HPARAMS = ("estimator.name", "model.latent", "optim.lr", "seed")
 
@@ -116,7 +97,7 @@ def _scalar(value: Any) -> Any:
 def hparams(cfg: DictConfig, settings: dict[str, Any]) -> dict[str, Any]:
     """The values a reader compares runs by: the estimator, then those set on the command line
     (`settings`; in a multirun, the swept ones among them), or else DEFAULT_HPARAMS."""
-    flat = flat_config(cfg)
+    flat = flatten(container(cfg))
     chosen = settings or {k: flat[k] for k in DEFAULT_HPARAMS}
     return {k: _scalar(v) for k, v in {"estimator.name": flat["estimator.name"], **chosen}.items()}
 

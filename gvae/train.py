@@ -1,8 +1,9 @@
-"""Train a discrete-latent VAE on MNIST: `gvae-train [overrides]`, `gvae-train -m ...` for sweeps.
+"""Train a discrete-latent VAE: `gvae-train [overrides]`, `gvae-train -m ...` for sweeps.
 
-The loop is written out top to bottom. Everything per step stays on the device; the host
-reads the accumulated metrics once per log interval, and checks then that they are finite.
-SIGTERM and SIGINT save a checkpoint and stop; `train.resume=true` continues a run or a sweep
+The config is checked and turned into typed objects once (config.validate); the loop below reads
+plain attributes and locals only. Everything per step stays on the device; the host reads the
+accumulated figures once per log interval, and checks then that they are finite. SIGTERM and
+SIGINT save a checkpoint and stop; `train.resume=true` continues a run or a sweep
 (docs/robustness.md).
 """
 
@@ -16,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +30,73 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from gvae.checkpoint import check_compatible, load_checkpoint, save_checkpoint
-from gvae.config import config_path, register_configs, resolve_device, validate
+from gvae import checkpoint as ckpt
+from gvae.config import (
+    Config,
+    config_path,
+    container,
+    import_extensions,
+    register_configs,
+    resolve_device,
+    validate,
+)
+from gvae.data import BatchSampler, Splits, load_splits
 from gvae.errors import CheckpointError, ConfigError, GvaeError, Interrupted, NonFiniteError
+from gvae.estimators import Estimator, build_estimator
 from gvae.evaluation import eval_generator, evaluate, split_nelbo
 from gvae.files import write_json
-from gvae.schedules import temperature
-from gvae.step import build_training
+from gvae.model import VAE
+from gvae.objective import TrainStats
+from gvae.step import StepFn, make_train_step, optimizer_kwargs, resolve_mode
 from gvae.summaries import log_config_and_hparams, log_images, log_layout
 
 log = logging.getLogger(__name__)
+
+
+# -----------------------------------------------------------------------------
+# building
+
+
+@dataclass
+class Training:
+    """Everything the training loop needs, built from the config."""
+
+    device: torch.device
+    splits: Splits
+    sampler: BatchSampler
+    model: VAE
+    estimator: Estimator
+    optimizer: torch.optim.Optimizer
+    mode: str
+    step: StepFn
+    tau: torch.Tensor  # a device tensor, so a compiled step never recompiles when tau changes
+
+
+def build_training(cfg: Config | DictConfig, saved: dict | None = None) -> Training:
+    """Seed, load the data onto the device, build the model, estimator, optimizer and step, and
+    restore the checkpoint `saved` (before the step is made: a captured graph keeps its tensors'
+    addresses)."""
+    if isinstance(cfg, DictConfig):
+        cfg = validate(cfg)
+    device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls
+    torch.manual_seed(cfg.seed)
+    splits = load_splits(cfg.data, device)
+    sampler = BatchSampler(splits.train, cfg.train.batch_size, seed=cfg.seed)
+    model = VAE(cfg.model, cfg.data.image_shape).to(device)
+    estimator = build_estimator(cfg.estimator, model.latent).to(device)
+    params = [*model.parameters(), *estimator.parameters()]
+    mode = resolve_mode(cfg.train.compile, device)
+    optimizer_cls = hydra.utils.get_class(cfg.optim._target_)
+    optimizer = hydra.utils.instantiate(cfg.optim)(params, **optimizer_kwargs(optimizer_cls, mode))
+    step = saved["step"] if saved else 0
+    if saved:
+        ckpt.restore(saved, model, estimator, optimizer, sampler, device)
+    train_step = make_train_step(model, estimator, optimizer, splits, cfg.train.precision, mode,
+                                 cfg.train.batch_size)
+    tau = torch.tensor(cfg.schedule.temperature(step), device=device)
+    return Training(device, splits, sampler, model, estimator, optimizer, mode.value, train_step, tau)
 
 
 # -----------------------------------------------------------------------------
@@ -56,6 +115,23 @@ def finished_metrics(out_dir: Path, max_steps: int) -> dict[str, Any] | None:
         return None
     metrics = json.loads(path.read_text())
     return metrics if metrics.get("status") == "complete" and metrics["step"] >= max_steps else None
+
+
+@contextmanager
+def deferred_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
+    """Inside the block SIGTERM and SIGINT only append to the yielded list, which the loop reads
+    after each step (a Python list: no device sync) to checkpoint and stop; the previous handlers
+    come back afterwards. Only the main thread may set handlers, so elsewhere signals act as usual."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def tensorboard_dir(out_dir: Path) -> Path:
@@ -83,57 +159,43 @@ def command_line_settings(cfg: DictConfig) -> dict[str, Any]:
     return settings
 
 
-@contextmanager
-def deferred_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
-    """Inside the block SIGTERM and SIGINT only append to the yielded list, which the loop reads
-    after each step (a Python list: no device sync) to checkpoint and stop; the previous handlers
-    come back afterwards. Only the main thread may set handlers, so elsewhere signals act as usual."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-
-
 # -----------------------------------------------------------------------------
 # training
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Train per `cfg`, writing TensorBoard events, checkpoints and metrics.json under out_dir."""
-    validate(cfg)  # before anything is written
+    typed = validate(cfg)  # before anything is written
+    config = container(cfg)  # plain values for the checkpoint and the logs
     ckpt_dir = out_dir / "checkpoints"
     ckpt_path = ckpt_dir / "last.pt"
-    state = None
-    if cfg.train.resume:
+    saved = None
+    if typed.train.resume:
         if ckpt_path.exists():
-            state = load_checkpoint(ckpt_path)
-            check_compatible(ckpt_path, state["config"], cfg)
-        if (done := finished_metrics(out_dir, cfg.train.max_steps)) is not None:
+            saved = ckpt.load_checkpoint(ckpt_path)
+            ckpt.check_compatible(ckpt_path, saved["config"], config)
+        if (done := finished_metrics(out_dir, typed.train.max_steps)) is not None:
             log.info("%s already finished %d steps (train.resume=true): nothing to do", out_dir, done["step"])
             return done
-        if state is None:
+        if saved is None:
             log.info("train.resume=true but no checkpoint in %s: starting from step 0", ckpt_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
-    run = build_training(cfg, state)
-    splits, sampler, model, estimator, optimizer = (
-        run.splits, run.sampler, run.model, run.estimator, run.optimizer)
-    step, best_val = (state["step"], state["best_val"]) if state else (0, float("inf"))
+    run = build_training(typed, saved)
+    device, splits, sampler, model, estimator, optimizer = (
+        run.device, run.splits, run.sampler, run.model, run.estimator, run.optimizer)
+    schedule, evaluation = typed.schedule, typed.eval
+    max_steps, log_every = typed.train.max_steps, typed.train.log_every
+    eval_every, ckpt_every = typed.train.eval_every, typed.train.ckpt_every
+    step, best_val = (saved["step"], saved["val_nelbo_best"]) if saved else (0, float("inf"))
     # [step, validation nelbo] at each evaluation: the curve of the paper's Figure 4, kept in the
     # checkpoint so that a resumed run reports all of it (older checkpoints have none).
-    val_curve: list[list[float]] = [list(p) for p in state.get("val_curve", [])] if state else []
-    if state:
+    val_curve: list[list[float]] = [list(p) for p in saved.get("val_curve", [])] if saved else []
+    if saved:
         log.info("resumed from %s at step %d", ckpt_path, step)
     # What a divergence corrupts: parameters, and estimator baselines (buffers).
     watched = [*model.parameters(), *estimator.parameters(), *estimator.buffers()]
     finite_at = step  # the last step at which the watched tensors were seen finite
-    ckpt_step = state["step"] if state else None  # the step of the last good checkpoint
+    ckpt_step = saved["step"] if saved else None  # the step of the last good checkpoint
 
     def non_finite(what: str) -> NonFiniteError:
         kept = (f"the last good checkpoint, {ckpt_path} (step {ckpt_step}), is kept" if ckpt_step is not None
@@ -141,9 +203,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         return NonFiniteError(f"{what}; {kept}. Lower optim.lr or change the estimator's settings.")
 
     def check_finite() -> None:
-        """One host read of the loss accumulated since the last log and of the watched tensors."""
+        """One host read of the figures accumulated since the last log and of the watched tensors."""
         nonlocal finite_at
-        if not all_finite(running, *watched):
+        if not all_finite(running.values, *watched):
             raise non_finite(f"non-finite loss or parameters between steps {finite_at} and {step}")
         finite_at = step
 
@@ -151,65 +213,62 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         nonlocal ckpt_step
         check_finite()  # never replace a good checkpoint with a diverged run
         ckpt_dir.mkdir(exist_ok=True)
-        rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "estimator": estimator.state_dict(),
-            "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng,
-            "step": step, "best_val": best_val, "val_curve": val_curve,
-            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-        })
+        ckpt.save_checkpoint(ckpt_path, ckpt.state(model, estimator, optimizer, sampler, device, step,
+                                                   best_val, val_curve, config))
         ckpt_step = step
 
     def evaluate_val() -> float:
-        val = split_nelbo(model, splits, "val", cfg.eval)
-        if cfg.eval.images:
+        val = split_nelbo(model, splits, "val", evaluation)
+        if evaluation.images:
             model.eval()
             log_images(writer, model, splits.eval_targets(splits.val[:32]), step, eval_generator(device))
             model.train()
         return val
 
-    tau, tau_now = run.tau, temperature(cfg.schedule, step)
+    tau = run.tau
+    tau_now, tau_changes_at = schedule.temperature(step), schedule.next_change(step)
     # Resuming: the same folder, where the events logged after the checkpoint (before a crash) are
     # hidden, since this run logs those steps again.
-    writer = SummaryWriter(str(out_dir), purge_step=step + 1 if state else None)
+    writer = SummaryWriter(str(out_dir), purge_step=step + 1 if saved else None)
     log_layout(writer)
     log.info("device %s, step mode %s, %d parameters, output %s",
              device, run.mode, sum(p.numel() for p in model.parameters()), out_dir)
-    running = torch.zeros(3, device=device)  # sums of [loss, recon, kl] since the last log
+    running = TrainStats.zeros(device)  # sums of the step's figures since the last log
     since_log, last_val = 0, float("nan")
     train_seconds, steps_this_run = 0.0, 0
     t_start = t_log = time.perf_counter()
-    bar = tqdm(total=cfg.train.max_steps, initial=step, disable=None, dynamic_ncols=True, unit="step")
+    bar = tqdm(total=max_steps, initial=step, disable=None, dynamic_ncols=True, unit="step")
     try:
         with logging_redirect_tqdm(), deferred_signals() as received:
-            while step < cfg.train.max_steps:
-                if (tau_next := temperature(cfg.schedule, step)) != tau_now:
-                    tau_now = tau_next
+            while step < max_steps:
+                if step >= tau_changes_at:  # the schedule moves only every few steps
+                    tau_now, tau_changes_at = schedule.temperature(step), schedule.next_change(step)
                     tau.fill_(tau_now)  # a device write, no sync
-                running += run.step(sampler.next(), tau)
+                running.add_(run.step(sampler.next(), tau))
                 step += 1
                 since_log += 1
 
-                if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                    loss, recon, kl = (running / since_log).tolist()  # the one sync per interval
+                if step % log_every == 0 or step == max_steps:
+                    means = running.means(since_log)  # the one sync per interval
                     now = time.perf_counter()
                     train_seconds += now - t_log
                     steps_this_run += since_log
                     check_finite()
                     lr = optimizer.param_groups[0]["lr"]
-                    for tag, value in [("train/loss", loss), ("train/recon", recon), ("train/kl", kl),
-                                       ("train/tau", tau_now),
-                                       ("train/lr", lr), ("perf/steps_per_sec", since_log / (now - t_log))]:
+                    # train/loss is the negative ELBO at the training sample (its name since the
+                    # start); train/surrogate the loss the optimizer minimises.
+                    scalars = {"train/loss": means["nelbo"], "train/surrogate": means["surrogate"],
+                               "train/recon": means["recon"], "train/kl": means["kl"], "train/tau": tau_now,
+                               "train/lr": lr, "perf/steps_per_sec": since_log / (now - t_log)}
+                    for tag, value in scalars.items():
                         writer.add_scalar(tag, value, step)
-                    bar.set_postfix(loss=f"{loss:.2f}", tau=f"{tau_now:.3f}", val=f"{last_val:.2f}")
+                    bar.set_postfix(loss=f"{means['nelbo']:.2f}", tau=f"{tau_now:.3f}", val=f"{last_val:.2f}")
                     bar.update(since_log)
-                    running.zero_()
+                    running.values.zero_()
                     since_log = 0
                     t_log = time.perf_counter()
 
-                if step % cfg.train.eval_every == 0 or step == cfg.train.max_steps:
+                if step % eval_every == 0 or step == max_steps:
                     last_val = evaluate_val()
                     if not math.isfinite(last_val):
                         raise non_finite(f"the validation nelbo is {last_val} at step {step}")
@@ -220,7 +279,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                     log.info("step %d  val nelbo %.3f", step, last_val)
                     t_log = time.perf_counter()
 
-                if step % cfg.train.ckpt_every == 0 or step == cfg.train.max_steps or received:
+                if step % ckpt_every == 0 or step == max_steps or received:
                     checkpoint()
                     t_log = time.perf_counter()
                 if received:
@@ -230,15 +289,15 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                                       "with train.resume=true to continue", received[0])
 
         if not val_curve or val_curve[-1][0] != step:  # resumed from a checkpoint taken at the end
-            val_curve.append([step, split_nelbo(model, splits, "val", cfg.eval)])
+            val_curve.append([step, split_nelbo(model, splits, "val", evaluation)])
         last_val = val_curve[-1][1]
-        test = evaluate(model, splits, cfg.eval, ("test",), bound=True, progress=True)
+        test = evaluate(model, splits, evaluation, ("test",), bound=True, progress=True)
         test_nelbo, test_bound = test["test_nelbo"], test["test_bound"]
         writer.add_scalar("test/nelbo", test_nelbo, step)
         writer.add_scalar("test/bound", test_bound, step)
         metrics = {
             "status": "complete", "step": step, "val_nelbo": last_val, "val_nelbo_best": best_val,
-            "test_nelbo": test_nelbo, "test_bound": test_bound, "num_samples": cfg.eval.num_samples,
+            "test_nelbo": test_nelbo, "test_bound": test_bound, "num_samples": evaluation.num_samples,
             "steps_per_sec": steps_this_run / train_seconds if train_seconds else float("nan"),
             "wall_seconds": time.perf_counter() - t_start, "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -250,7 +309,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         write_json(out_dir / "metrics.json", metrics)
         log.info("done in %.0f s: val -ELBO %.2f (best %.2f), test -ELBO %.2f, test bound (m=%d) %.2f; "
                  "run folder %s; to inspect: tensorboard --logdir %s", metrics["wall_seconds"], last_val,
-                 best_val, test_nelbo, cfg.eval.num_samples, test_bound, out_dir, tensorboard_dir(out_dir))
+                 best_val, test_nelbo, evaluation.num_samples, test_bound, out_dir, tensorboard_dir(out_dir))
         return metrics
     finally:
         bar.close()
@@ -260,7 +319,20 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 # -----------------------------------------------------------------------------
 # entry point
 
+
+def register_plugins() -> None:
+    """gvae's Hydra plugins (hydra_plugins/gvae_plugins). Hydra finds plugins by listing the
+    hydra_plugins namespace, which an editable install does not let it list: register them here."""
+    from hydra.core.plugins import Plugins
+
+    from hydra_plugins.gvae_plugins.rows_sweeper import RowsSweeper
+
+    Plugins.instance().register(RowsSweeper)
+
+
+import_extensions()
 register_configs()
+register_plugins()
 
 
 @hydra.main(version_base="1.3", config_path=config_path(), config_name="config")

@@ -23,12 +23,15 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from gvae.config import compose_config
-from gvae.data import prepare_mnist
+from gvae.config import StepMode, compose_config
 from gvae.estimators import build_estimator
+from gvae.mnist import prepare_mnist
 from gvae.model import VAE
-from gvae.objective import training_loss
-from gvae.step import CUDA_ONLY_MODES, MODES, build_training
+from gvae.objective import TrainStats, training_loss
+from gvae.step import CUDA_ONLY_MODES
+from gvae.train import build_training
+
+MODES = [m.value for m in StepMode if m is not StepMode.auto]
 
 
 def sync(device: torch.device) -> None:
@@ -45,13 +48,13 @@ def time_gvae(cfg, mode: str, steps: int, warmup: int) -> dict:
         run.step(run.sampler.next(), run.tau)
     sync(run.device)
     setup = time.perf_counter() - t0
-    running = torch.zeros(3, device=run.device)
+    running = TrainStats.zeros(run.device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        running += run.step(run.sampler.next(), run.tau)
+        running.add_(run.step(run.sampler.next(), run.tau))
     sync(run.device)
     seconds = time.perf_counter() - t0
-    assert torch.isfinite(running).all()
+    assert torch.isfinite(running.values).all()
     return {"mode": mode, "steps_per_sec": steps / seconds, "warmup_seconds": setup}
 
 
@@ -59,8 +62,8 @@ def time_baseline(cfg, steps: int, warmup: int) -> dict:
     """The common loop: DataLoader + ToTensor, .to(device) per batch, loss.item() per step."""
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    model = VAE(cfg.model).to(device)  # the same model and estimator as gvae's
-    estimator = build_estimator(cfg.estimator, model.latent)
+    model = VAE(cfg.model, cfg.data.image_shape).to(device)  # the same model and estimator as gvae's
+    estimator = build_estimator(cfg.estimator, model.latent).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)  # default kernels
     root = prepare_mnist(cfg.data.root, cfg.data.download)
     dataset = datasets.MNIST(str(root), train=True, transform=transforms.ToTensor())
@@ -117,10 +120,10 @@ def time_bookkeeping(cfg, steps: int, repeats: int = 3) -> dict:
             loop.build_training = build
         loop_us.append(1e6 / metrics["steps_per_sec"])
         run = build_with_null_step(cfg.copy())
-        running = torch.zeros_like(run.step(None, None))
+        running = TrainStats.zeros(run.device)
         t0 = time.perf_counter()
         for _ in range(steps):
-            running += run.step(run.sampler.next(), run.tau)
+            running.add_(run.step(run.sampler.next(), run.tau))
         sync(run.device)
         bare_us.append(1e6 * (time.perf_counter() - t0) / steps)
     loop_best, bare_best = min(loop_us), min(bare_us)  # least disturbed of the repeats
@@ -148,7 +151,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--steps", type=int, default=300, help="timed steps per mode")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps (compilation included)")
-    parser.add_argument("--modes", nargs="+", default=None, help=f"gvae modes, from {MODES[1:]}")
+    parser.add_argument("--modes", nargs="+", default=None, help=f"gvae modes, from {MODES}")
     parser.add_argument("--full-run", action="store_true", help="also time a complete default run")
     parser.add_argument("--bookkeeping", action="store_true",
                         help="only time the training loop's own work per step (no model step)")
@@ -159,10 +162,11 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if args.bookkeeping:
+        torch.set_num_threads(1)  # the loop's bookkeeping is Python: no thread-pool waits in the figure
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         print(json.dumps({"device": name, **time_bookkeeping(cfg.copy(), args.steps)}), flush=True)
         return
-    modes = args.modes or [m for m in MODES[1:] if device.type == "cuda" or m not in CUDA_ONLY_MODES]
+    modes = args.modes or [m for m in MODES if device.type == "cuda" or m not in CUDA_ONLY_MODES]
     results = [time_baseline(cfg.copy(), args.steps, args.warmup)]
     results += [time_gvae(cfg.copy(), mode, args.steps, args.warmup) for mode in modes]
     baseline = results[0]["steps_per_sec"]

@@ -37,8 +37,9 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from gvae.config import Config
+from gvae.config import Config, flatten
 from gvae.files import atomic_write, write_json
+from hydra_plugins.gvae_plugins.rows_sweeper import cross
 
 # Table 1 of Jang et al. (2017), VAE rows: "negative variational lower bounds (nats)" on the test
 # set, m = 1000 (which bound, see docs/results/*/results.md).
@@ -77,12 +78,6 @@ class TableError(Exception):
 # reading sweeps into a record
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    return {k: v for key, child in node.items() for k, v in flatten(child, f"{prefix}{key}.").items()}
-
-
 def latent_label(flat: dict[str, Any]) -> str:
     if flat["model.latent"] == "bernoulli":
         return f"Bernoulli ({flat['model.num_vars']})"
@@ -96,7 +91,8 @@ def in_setting(override: str) -> bool:
 
 def expected_jobs(sweep_dir: Path) -> list[frozenset[str]]:
     """The overrides of every job the sweep launches: the product of its swept values, as Hydra's
-    basic sweeper forms it from hydra.sweeper.params and the command line (which wins per key)."""
+    basic sweeper forms it from hydra.sweeper.params and the command line (which wins per key),
+    crossed with the rows of the rows sweeper (hydra/sweeper=rows) when there are any."""
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():
         raise TableError(f"{path} is missing: {sweep_dir} is not the folder of a Hydra multirun")
@@ -109,7 +105,8 @@ def expected_jobs(sweep_dir: Path) -> list[frozenset[str]]:
             by_key[key] = [f"{key}={v}" for v in override.sweep_string_iterator()]
         else:
             by_key[key] = [f"{key}={override.get_value_element_as_str()}"]
-    return [frozenset(job) for job in itertools.product(*by_key.values())]
+    jobs = [list(job) for job in itertools.product(*by_key.values())]
+    return [frozenset(job) for job in cross(jobs, list(hydra_cfg.sweeper.get("rows") or []))]
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

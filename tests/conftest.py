@@ -1,4 +1,5 @@
-"""Shared fixtures: composing configs the way `gvae-train` does, and the offline MNIST copy."""
+"""Shared fixtures: configs composed the way `gvae-train` composes them and shrunk for the 2-core CI
+machine, the offline MNIST copy, a finished tiny sweep, and `gvae-train` started as a user would."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 from gvae.config import compose_config, register_configs
+from gvae.mnist import IDX_FILES
 
-__all__ = ["SMALL", "TINY", "compose_config"]  # the tests import these from here
+__all__ = ["SMALL", "SYNTHETIC", "TINY", "compose_config", "gvae_train"]  # the tests import these from here
 register_configs()  # for the tests that compose with Hydra's own API
 
 # A run small enough for the 2-core CI machine: few steps, small evaluation.
@@ -20,6 +23,17 @@ TINY = [
     "train.batch_size=50", "eval.num_samples=4", "eval.batch_size=2000", "eval.max_rows=4000",
     "device=cpu",
 ]
+# TINY with a small network and validation set: runs that check plumbing in seconds.
+SMALL = [o for o in TINY if not o.startswith("train.eval_every=")] + [
+    "train.eval_every=20", "data.num_val=1000", "eval.images=false", "model.hidden=[32]"]
+# TINY on the in-memory dataset, whose structure a 4x4 categorical latent fits: no files at all.
+SYNTHETIC = [*TINY, "data=synthetic", "model.num_vars=4", "model.num_classes=4", "model.hidden=[64]"]
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path: Path) -> tuple[DictConfig, Path]:
+    """(a SYNTHETIC config, a fresh run folder in tmp_path), as lightning-hydra-template's tests do."""
+    return compose_config(SYNTHETIC), tmp_path / "run"
 
 
 @pytest.fixture(scope="session")
@@ -31,9 +45,25 @@ def mnist_root() -> Path:
     return Path(root)
 
 
-# TINY with a small network and validation set: runs that check plumbing in seconds.
-SMALL = [o for o in TINY if not o.startswith("train.eval_every=")] + [
-    "train.eval_every=20", "data.num_val=1000", "eval.images=false", "model.hidden=[32]"]
+@pytest.fixture
+def gz_copy(mnist_root: Path, tmp_path: Path) -> Path:
+    """A writable MNIST/raw/ holding copies of the four .gz files only; returns that folder."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in IDX_FILES:
+        (raw / f"{name}.gz").write_bytes((mnist_root / "MNIST" / "raw" / f"{name}.gz").read_bytes())
+    return raw
+
+
+def gvae_train(args: list[str], cwd: Path, wait: bool = True, env: dict | None = None):
+    """`python -m gvae.train ARGS` in cwd, as a user would start it, output (stdout and stderr)
+    captured: the finished CompletedProcess, or with wait=False the running Popen."""
+    cmd = [sys.executable, "-m", "gvae.train", *args]
+    if wait:
+        return subprocess.run(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, timeout=300)
+    return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
 
 
 @pytest.fixture(scope="session")
@@ -42,9 +72,6 @@ def tiny_sweep(mnist_root, tmp_path_factory) -> Path:
     change it work on a copy."""
     work = tmp_path_factory.mktemp("tiny_sweep")
     sweep_dir = work / "multirun"
-    result = subprocess.run(
-        [sys.executable, "-m", "gvae.train", "-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=work, env={**os.environ, "GVAE_DATA_DIR": str(mnist_root)}, capture_output=True, text=True,
-        timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = gvae_train(["-m", "seed=0,1", *SMALL, f"hydra.sweep.dir={sweep_dir}"], work)
+    assert result.returncode == 0, result.stdout[-3000:]
     return sweep_dir

@@ -1,4 +1,5 @@
-"""MNIST: binarization modes, the seeded split, `.gz` extraction and the missing-data error."""
+"""gvae/data.py, gvae/mnist.py, gvae/synthetic.py: binarization, the seeded split, where MNIST is
+found and downloaded, every kind of damaged file, and the synthetic dataset."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ import pytest
 import torch
 import torchvision
 
-from gvae.config import Binarization
-from gvae.data import IDX_FILES, Splits, _binarize, load_splits, locate_mnist, prepare_mnist
+from gvae.config import validate
+from gvae.data import Binarization, Splits, binarize, load_splits
 from gvae.errors import DataError
+from gvae.mnist import IDX_FILES, locate_mnist, prepare_mnist
 from tests.conftest import compose_config
 
 CPU = torch.device("cpu")
@@ -36,8 +38,8 @@ def splits(mode: Binarization, images: torch.Tensor) -> Splits:
     """Splits built the way load_splits builds them, from small tensors."""
     eval_mode = Binarization.static if mode is Binarization.dynamic else mode
     return Splits(
-        train=_binarize(images, mode, 0), val=_binarize(images, eval_mode, 1),
-        test=_binarize(images, eval_mode, 2), binarization=mode,
+        train=binarize(images, mode, 0), val=binarize(images, eval_mode, 1),
+        test=binarize(images, eval_mode, 2), binarization=mode,
     )
 
 
@@ -51,7 +53,7 @@ def is_binary(t: torch.Tensor) -> bool:
 
 def test_threshold_binarization_is_pixel_above_127():
     images = torch.arange(256, dtype=torch.uint8).view(1, 256)
-    binary = _binarize(images, Binarization.threshold, seed=0)
+    binary = binarize(images, Binarization.threshold, seed=0)
     assert binary.dtype == torch.uint8
     assert torch.equal(binary, (images.float() / 255 > 0.5).to(torch.uint8))
     assert binary[0, :128].sum() == 0 and binary[0, 128:].sum() == 128  # 127 -> 0, 128 -> 1
@@ -62,10 +64,10 @@ def test_threshold_binarization_is_pixel_above_127():
 
 def test_static_binarization_is_fixed_by_its_seed_and_differs_from_threshold():
     images = grey_images()
-    first = _binarize(images, Binarization.static, seed=0)
-    assert torch.equal(first, _binarize(images, Binarization.static, seed=0))
-    assert not torch.equal(first, _binarize(images, Binarization.static, seed=1))
-    assert not torch.equal(first, _binarize(images, Binarization.threshold, seed=0))
+    first = binarize(images, Binarization.static, seed=0)
+    assert torch.equal(first, binarize(images, Binarization.static, seed=0))
+    assert not torch.equal(first, binarize(images, Binarization.static, seed=1))
+    assert not torch.equal(first, binarize(images, Binarization.threshold, seed=0))
     assert is_binary(first)
     assert (first[images == 0] == 0).all() and (first[images == 255] == 1).all()
     # P(pixel = 1) = grey level / 255: over 156,800 pixels the mean is within 0.003 (3 s.e.).
@@ -105,7 +107,7 @@ def test_no_binarization_gives_grey_levels_over_255():
 
 def load(mnist_root: Path, *overrides: str) -> Splits:
     cfg = compose_config([f"data.root={mnist_root}", *overrides])
-    return load_splits(cfg.data, CPU)
+    return load_splits(validate(cfg).data, CPU)
 
 
 def test_load_splits_gives_50000_10000_10000_the_same_way_every_time(mnist_root):
@@ -176,7 +178,7 @@ def test_missing_data_without_download_says_where_and_how_to_provide_it(tmp_path
         assert hint in message, hint
     cfg = compose_config([f"data.root={tmp_path}", "data.download=false"])
     with pytest.raises(DataError, match="MNIST not found"):
-        load_splits(cfg.data, CPU)
+        load_splits(validate(cfg).data, CPU)
 
 
 def test_one_missing_file_is_named(mnist_root, tmp_path):
@@ -251,7 +253,7 @@ def test_missing_mnist_is_downloaded_into_the_cache(mnist_root, no_data_anywhere
     assert all((raw / n).is_file() and (raw / f"{n}.gz").is_file() for n in IDX_FILES)
     assert not [p.name for p in raw.iterdir() if "partial" in p.name]
     assert f"MNIST from {raw.resolve()} (the per-user cache" in caplog.text
-    splits = load_splits(compose_config(["data.root=auto"]).data, CPU)
+    splits = load_splits(validate(compose_config(["data.root=auto"])).data, CPU)
     assert len(splits.test) == 10_000
 
 
@@ -264,3 +266,113 @@ def test_gvae_train_without_network_or_data_stops_with_the_data_message_only(no_
     assert result.returncode == 1
     assert "MNIST not found" in output and "Traceback" not in output
     assert not no_data_anywhere.parent.exists()  # no data folder was made
+
+
+# -----------------------------------------------------------------------------
+# data faults
+
+
+@pytest.fixture
+def gz_copy(mnist_root: Path, tmp_path: Path) -> Path:
+    """A writable MNIST/raw/ holding copies of the four .gz files only; returns that folder."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in IDX_FILES:
+        (raw / f"{name}.gz").write_bytes((mnist_root / "MNIST" / "raw" / f"{name}.gz").read_bytes())
+    return raw
+
+
+def raw_bytes(mnist_root: Path, name: str) -> bytes:
+    """The real decompressed IDX file `name`."""
+    return gzip.decompress((mnist_root / "MNIST" / "raw" / f"{name}.gz").read_bytes())
+
+
+def truncate(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+def flip_middle_byte(data: bytes) -> bytes:
+    i = len(data) // 2
+    return data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]
+
+
+def wrong_magic(data: bytes) -> bytes:
+    return (2051).to_bytes(4, "big") + data[4:]  # an images header on a labels file
+
+
+# fault: (the .gz's new contents made from the real IDX file's bytes, words the error must hold)
+GZ_FAULTS = {
+    "truncated_gz": (lambda raw: truncate(gzip.compress(raw)), "cannot decompress"),
+    "not_gzip": (lambda raw: b"PK\x03\x04" + gzip.compress(raw)[4:], "cannot decompress"),
+    "damaged_gzip_stream": (lambda raw: flip_middle_byte(gzip.compress(raw)), "cannot decompress"),
+    "truncated_idx_in_good_gzip": (lambda raw: gzip.compress(truncate(raw)), "bytes, expected"),
+    "wrong_magic_in_good_gzip": (lambda raw: gzip.compress(wrong_magic(raw)), "wrong magic number 2051"),
+    "damaged_idx_in_good_gzip": (lambda raw: gzip.compress(flip_middle_byte(raw)), "MD5"),
+}
+
+
+@pytest.mark.parametrize("fault", GZ_FAULTS)
+def test_damaged_gz_file_is_named_and_leaves_no_decompressed_file(mnist_root, gz_copy, fault):
+    make, words = GZ_FAULTS[fault]
+    name = "train-labels-idx1-ubyte"
+    (gz_copy / f"{name}.gz").write_bytes(make(raw_bytes(mnist_root, name)))
+    with pytest.raises(DataError, match=f"{gz_copy / name}.gz: ") as err:
+        prepare_mnist(gz_copy.parent.parent, download=False)
+    assert words in str(err.value)
+    assert not (gz_copy / name).exists()
+    assert not [p.name for p in gz_copy.iterdir() if "partial" in p.name]
+
+
+# fault: (the IDX file's new contents made from its real bytes, words the error must hold)
+RAW_FAULTS = {
+    "truncated": (truncate, "bytes, expected"),
+    "wrong_magic": (wrong_magic, "wrong magic number 2051, expected 2049"),
+    "damaged_contents": (flip_middle_byte, "MD5"),
+}
+
+
+@pytest.mark.parametrize("fault", RAW_FAULTS)
+@pytest.mark.parametrize("beside_gz", [True, False], ids=["stale_beside_gz", "alone"])
+def test_damaged_idx_file_is_named_and_never_used(mnist_root, gz_copy, fault, beside_gz):
+    damage, words = RAW_FAULTS[fault]
+    name = "t10k-labels-idx1-ubyte"
+    (gz_copy / name).write_bytes(damage(raw_bytes(mnist_root, name)))
+    if not beside_gz:
+        (gz_copy / f"{name}.gz").unlink()
+    with pytest.raises(DataError, match=f"{gz_copy / name}: ") as err:
+        prepare_mnist(gz_copy.parent.parent, download=False)
+    assert words in str(err.value)
+    # Beside its .gz, a stale decompressed copy: the message says how to get a good one.
+    assert (f"delete it and gvae will decompress {gz_copy / name}.gz again" in str(err.value)) == beside_gz
+
+
+# -----------------------------------------------------------------------------
+# the synthetic dataset
+
+
+def test_synthetic_images_are_seeded_and_sized_by_their_config():
+    cfg = validate(compose_config(["data=synthetic"])).data
+    train, test = cfg.images()
+    assert train.shape == (cfg.num_train + cfg.num_val, 144) and test.shape == (cfg.num_test, 144)
+    assert set(train.unique().tolist()) <= {0, 255}
+    again, _ = cfg.images()
+    assert torch.equal(train, again)
+    other, _ = validate(compose_config(["data=synthetic", "data.seed=1"])).data.images()
+    assert not torch.equal(train, other)
+
+
+def test_synthetic_images_without_noise_take_one_of_patterns_to_the_tiles_values():
+    """The structure a VAE can learn: parts^2 tiles, each one of `patterns` choices."""
+    cfg = validate(compose_config(["data=synthetic", "data.noise=0"])).data
+    train, _ = cfg.images()
+    distinct = train.unique(dim=0)
+    assert len(distinct) <= cfg.patterns ** (cfg.parts**2)  # 4^4 = 256 possible images
+    assert len(distinct) > 100  # and they are used: 2,500 draws cover most of them
+    tiles = train.view(-1, cfg.parts, 6, cfg.parts, 6).permute(0, 1, 3, 2, 4).reshape(-1, 36)
+    assert len(tiles.unique(dim=0)) == cfg.patterns  # every tile shows one of the same 4 patterns
+
+
+def test_synthetic_splits_load_onto_the_device_with_their_sizes():
+    splits = load_splits(validate(compose_config(["data=synthetic"])).data, CPU)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (2000, 500, 500)
+    assert splits.image_shape == (1, 12, 12) and splits.train.dtype == torch.uint8

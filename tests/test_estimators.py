@@ -20,13 +20,13 @@ import torch._inductor.config
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from gvae.config import validate
 from gvae.errors import ConfigError
-from gvae.estimators import ESTIMATORS, Estimator, ScoreFunctionBase, build_estimator
+from gvae.estimators import ESTIMATORS, Estimator, EstimatorConfig, ScoreFunctionBase, build_estimator
 from gvae.latents import Bernoulli, Categorical, Latent
 from gvae.model import VAE
 from gvae.objective import training_loss
-from gvae.step import build_training
-from gvae.train import train
+from gvae.train import build_training, train
 from tests.conftest import TINY, compose_config
 
 LATENTS: dict[str, Callable[[], Latent]] = {
@@ -41,6 +41,12 @@ Z_MAX = 5.0  # allowed |estimate - exact| in standard errors: ~40 coordinates, P
 HIDDEN = 4
 # VAE latents for the objective and trainer checks: small categorical, and the paper's 200 binary units.
 MODELS = {"categorical": ["model.num_vars=4", "model.num_classes=3"], "bernoulli": ["model=bernoulli"]}
+
+
+def make(name: str, latent: Latent, **options) -> Estimator:
+    """The estimator `name` with its default options, or these."""
+    cls = ESTIMATORS[name]
+    return cls(latent, cls.config(**options))
 
 
 class Problem:
@@ -140,7 +146,7 @@ def test_unbiased_up_to_the_normalization_scale(name, latent):
     torch.manual_seed(1)
     problem = Problem(LATENTS[latent]())
     exact_logits, exact_w = problem.exact()
-    estimator = ESTIMATORS[name](problem.latent)
+    estimator = make(name, problem.latent)
     scale = fixed_normalization(estimator, baseline=1.0, var=4.0)
     g_logits, g_w, _ = problem.estimate(estimator, DRAWS)
     assert_unbiased(g_logits / scale, exact_logits)
@@ -152,7 +158,7 @@ def test_the_unbiasedness_check_detects_a_biased_estimator():
     torch.manual_seed(1)
     problem = Problem(LATENTS["categorical"]())
     exact_logits, _ = problem.exact()
-    g_logits, _, _ = problem.estimate(ESTIMATORS["straight_through"](problem.latent), DRAWS)
+    g_logits, _, _ = problem.estimate(make("straight_through", problem.latent), DRAWS)
     with pytest.raises(AssertionError):
         assert_unbiased(g_logits, exact_logits)
 
@@ -164,7 +170,7 @@ def test_darn_is_exact_in_expectation_for_a_linear_f(latent):
     torch.manual_seed(2)
     problem = Problem(LATENTS[latent](), linear=True)
     exact_logits, exact_w = problem.exact()
-    estimator = ESTIMATORS["darn"](problem.latent)
+    estimator = make("darn", problem.latent)
     scale = fixed_normalization(estimator, baseline=0.5, var=9.0)
     g_logits, g_w, _ = problem.estimate(estimator, DRAWS)
     assert_unbiased(g_logits / scale, exact_logits)
@@ -175,7 +181,7 @@ def test_darn_is_exact_in_expectation_for_a_linear_f(latent):
 def test_darn_backward_is_the_per_variable_taylor_learning_signal(latent):
     torch.manual_seed(3)
     problem = Problem(LATENTS[latent]())
-    estimator = ESTIMATORS["darn"](problem.latent)
+    estimator = make("darn", problem.latent)
     baseline, var = 0.3, 2.0
     scale = fixed_normalization(estimator, baseline, var)
     g_logits, g_w, z = problem.estimate(estimator, 64)
@@ -200,7 +206,7 @@ def test_darn_backward_is_the_per_variable_taylor_learning_signal(latent):
 def test_forward_is_an_exact_sample_from_q(name, latent):
     torch.manual_seed(4)
     problem = Problem(LATENTS[latent]())
-    _, _, z = problem.estimate(ESTIMATORS[name](problem.latent), 20_000, tau=0.5)
+    _, _, z = problem.estimate(make(name, problem.latent), 20_000, tau=0.5)
     assert ((z == 0) | (z == 1)).all()
     if isinstance(problem.latent, Categorical):
         assert (z.sum(-1) == 1).all()
@@ -216,7 +222,7 @@ def test_straight_through_backward_is_the_gradient_through_the_slope(name, tau, 
     # slope-annealed ST: through softmax/sigmoid(logits / tau), so at tau = 1 the two agree.
     torch.manual_seed(5)
     problem = Problem(LATENTS[latent]())
-    g_logits, g_w, z = problem.estimate(ESTIMATORS[name](problem.latent), 64, tau=tau)
+    g_logits, g_w, z = problem.estimate(make(name, problem.latent), 64, tau=tau)
     slope = 1.0 / tau if name == "slope_annealed_st" else 1.0
     expected_logits, expected_w = grad_through(
         lambda lg: problem.latent.probs(lg * slope), problem.logits.expand_as(z), problem, z)
@@ -234,7 +240,7 @@ def test_st_gumbel_softmax_forward_is_the_hard_sample_and_backward_the_relaxed_g
     torch.manual_seed(6)
     noise = problem.latent.noise(logits)
     torch.manual_seed(6)  # the estimator draws the same noise
-    g_logits, g_w, z = problem.estimate(ESTIMATORS["st_gumbel_softmax"](problem.latent), 64, tau=0.5)
+    g_logits, g_w, z = problem.estimate(make("st_gumbel_softmax", problem.latent), 64, tau=0.5)
     assert torch.equal(z, problem.latent.harden(logits + noise))
     expected_logits, expected_w = grad_through(
         lambda lg: problem.latent.relax(lg + noise, 0.5), logits, problem, z)
@@ -243,11 +249,49 @@ def test_st_gumbel_softmax_forward_is_the_hard_sample_and_backward_the_relaxed_g
 
 
 # -----------------------------------------------------------------------------
+# straight-through Gumbel-Softmax
+
+
+@pytest.mark.parametrize("latent", [Categorical(20, 10), Bernoulli(200)], ids=["categorical", "bernoulli"])
+def test_st_forward_is_one_hot(latent):
+    logits = torch.randn(64, *latent.shape, generator=torch.Generator().manual_seed(1)) * 3
+    torch.manual_seed(0)
+    z = make("st_gumbel_softmax", latent).sample(logits, torch.tensor(0.7))
+    torch.manual_seed(0)  # the same noise again
+    perturbed = logits + latent.noise(logits)
+    assert torch.equal(z, latent.harden(perturbed))  # exactly the Gumbel-Max sample, no rounding
+    assert set(z.unique().tolist()) <= {0.0, 1.0}
+    if isinstance(latent, Categorical):
+        assert torch.equal(z.sum(-1), torch.ones(64, 20))
+
+
+@pytest.mark.parametrize("latent", [Categorical(20, 10), Bernoulli(200)], ids=["categorical", "bernoulli"])
+@pytest.mark.parametrize("tau", [0.5, 2.0])
+def test_st_gradient_equals_the_relaxed_sample_gradient_for_the_same_noise(latent, tau):
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(64, *latent.shape, generator=g)
+    weights = torch.randn(64, *latent.shape, generator=g)  # f(z) = sum(weights * z), fixed and linear
+
+    def grad_of(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = base.clone().requires_grad_()
+        torch.manual_seed(2)  # the same noise for both estimators
+        z = make(name, latent).sample(logits, torch.tensor(tau))
+        (grad,) = torch.autograd.grad((weights * z).sum(), logits)
+        return z.detach(), grad
+
+    z_st, grad_st = grad_of("st_gumbel_softmax")
+    z_relaxed, grad_relaxed = grad_of("gumbel_softmax")
+    assert not torch.equal(z_st, z_relaxed)  # different forward values ...
+    assert grad_relaxed.abs().sum() > 0
+    torch.testing.assert_close(grad_st, grad_relaxed, rtol=1e-6, atol=1e-7)  # ... the same gradient
+
+
+# -----------------------------------------------------------------------------
 # baseline and normalization state
 
 
 def test_baseline_and_scale_come_from_the_previous_batches_then_update():
-    estimator = ESTIMATORS["score_function"](LATENTS["categorical"](), decay=0.8, min_var=1.0)
+    estimator = make("score_function", LATENTS["categorical"](), decay=0.8, min_var=1.0)
     signal, scale = estimator.centre(torch.tensor([10.0, 14.0]))  # mean 12, variance 4
     # No history: centred and scaled by the batch itself.
     torch.testing.assert_close(signal, torch.tensor([-2.0, 2.0]))
@@ -267,7 +311,7 @@ def test_normalization_scales_the_kl_gradient_of_the_encoder_too(name, latent):
     # gradient is scaled. Here: f = 0 leaves only the analytic KL, whose gradient must come out
     # multiplied by the scale (per variable for DARN), and the decoder's gradient untouched.
     cfg = compose_config([*MODELS[latent], "model.hidden=[16]", f"estimator={name}"])
-    model = VAE(cfg.model)
+    model = VAE(cfg.model, cfg.data.image_shape)
     estimator = build_estimator(cfg.estimator, model.latent)
     scale = fixed_normalization(estimator, baseline=0.0, var=16.0)
     logits = torch.randn(5, *model.latent.shape, requires_grad=True)
@@ -278,11 +322,13 @@ def test_normalization_scales_the_kl_gradient_of_the_encoder_too(name, latent):
     torch.testing.assert_close(grad, scale * kl_grad)
 
 
-def test_bad_estimator_option_fails_naming_the_key():
-    with pytest.raises(ConfigError, match="estimator.decay"):
-        build_estimator({"name": "muprop", "decay": 1.5}, LATENTS["bernoulli"]())
-    with pytest.raises(ValueError, match="estimator.slope"):
-        build_estimator({"name": "straight_through", "slope": 2.0}, LATENTS["bernoulli"]())
+def test_each_estimator_has_a_typed_config_with_its_name_and_checks_its_ranges():
+    for name, cls in ESTIMATORS.items():
+        cfg = cls.config()
+        assert cfg.name == name and isinstance(cfg, EstimatorConfig)
+        cfg.check("estimator")  # the defaults are allowed
+    with pytest.raises(ConfigError, match=r"estimator.decay=1.5 is not allowed: must be in \[0, 1\)"):
+        ESTIMATORS["muprop"].config(decay=1.5).check("estimator")
 
 
 # -----------------------------------------------------------------------------
@@ -306,16 +352,16 @@ class NoHostReads(TorchDispatchMode):
 @pytest.mark.parametrize("name", sorted(ESTIMATORS))
 def test_estimator_trains_the_vae_without_host_reads(name, latent):
     torch.manual_seed(7)
-    cfg = compose_config([*MODELS[latent], "model.hidden=[16]", f"estimator={name}"])
-    model = VAE(cfg.model)
+    cfg = validate(compose_config([*MODELS[latent], "model.hidden=[16]", f"estimator={name}"]))
+    model = VAE(cfg.model, cfg.data.image_shape)
     estimator = build_estimator(cfg.estimator, model.latent)
-    x = (torch.rand(8, 784) < 0.3).float()
+    x = (torch.rand(8, cfg.data.num_pixels) < 0.3).float()
     with NoHostReads():
         for _ in range(2):  # the second call uses the moving averages of the first
             model.zero_grad()
-            loss, parts = training_loss(model, estimator, x, torch.tensor(0.7))
+            loss, stats = training_loss(model, estimator, x, torch.tensor(0.7))
             loss.backward()
-    assert loss.isfinite() and parts.isfinite().all()
+    assert loss.isfinite() and stats.values.isfinite().all()
     for part in (model.encoder, model.decoder):
         grads = torch.cat([p.grad.flatten() for p in part.parameters()])
         assert grads.isfinite().all() and grads.abs().sum() > 0
@@ -340,13 +386,13 @@ def test_estimator_runs_in_the_trainer(name, latent, mnist_root, tmp_path: Path)
 def test_estimator_runs_in_a_captured_cuda_step(name, latent, mnist_root):
     cfg = compose_config([*TINY, *MODELS[latent], f"estimator={name}", "device=cuda", "train.compile=graph"])
     run = build_training(cfg)
-    parts = torch.stack([run.step(run.sampler.next(), run.tau) for _ in range(5)])
-    assert parts.isfinite().all()
+    stats = torch.stack([run.step(run.sampler.next(), run.tau).values for _ in range(5)])
+    assert stats.isfinite().all()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["score_function", "darn", "muprop"])
-def test_compiled_step_matches_eager_step(name, mnist_root):
+def test_compiled_score_function_step_matches_eager_step(name, mnist_root):
     # These estimators differentiate inside the step (autograd.grad) and rescale the encoder's
     # gradient with a hook: torch.compile must neither drop the hook nor reuse a compiled graph's
     # saved tensors (DARN once got wrong decoder gradients that way).
@@ -355,8 +401,8 @@ def test_compiled_step_matches_eager_step(name, mnist_root):
         cfg = compose_config([*TINY, "model.hidden=[32]", f"estimator={name}", f"train.compile={mode}",
                               "seed=3", "optim=sgd", "optim.lr=0.01"])
         run = build_training(cfg)
-        parts = torch.stack([run.step(run.sampler.next(), run.tau) for _ in range(2)])
-        return parts, [p.grad.clone() for p in run.model.parameters()]
+        stats = torch.stack([run.step(run.sampler.next(), run.tau).values for _ in range(2)])
+        return stats, [p.grad.clone() for p in run.model.parameters()]
 
     with torch._inductor.config.patch(fallback_random=True):  # the same noise in both
         eager_parts, eager_grads = step_twice("eager")

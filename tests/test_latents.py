@@ -9,7 +9,6 @@ import torch
 from torch.distributions import Bernoulli as TorchBernoulli
 from torch.distributions import OneHotCategorical, kl_divergence
 
-from gvae.estimators import GumbelSoftmax, STGumbelSoftmax
 from gvae.latents import Bernoulli, Categorical, _uniform
 
 DRAWS = 100_000
@@ -169,44 +168,6 @@ def test_noise_under_bfloat16_autocast_is_finite_float32(latent):
             assert torch.isfinite(noise).all()
             z = latent.sample(logits)
             assert torch.isfinite(z).all()
-
-
-# -----------------------------------------------------------------------------
-# straight-through Gumbel-Softmax
-
-
-@pytest.mark.parametrize("latent", [Categorical(20, 10), Bernoulli(200)], ids=["categorical", "bernoulli"])
-def test_st_forward_is_one_hot(latent):
-    logits = torch.randn(64, *latent.shape, generator=torch.Generator().manual_seed(1)) * 3
-    torch.manual_seed(0)
-    z = STGumbelSoftmax(latent).sample(logits, torch.tensor(0.7))
-    torch.manual_seed(0)  # the same noise again
-    perturbed = logits + latent.noise(logits)
-    assert torch.equal(z, latent.harden(perturbed))  # exactly the Gumbel-Max sample, no rounding
-    assert set(z.unique().tolist()) <= {0.0, 1.0}
-    if isinstance(latent, Categorical):
-        assert torch.equal(z.sum(-1), torch.ones(64, 20))
-
-
-@pytest.mark.parametrize("latent", [Categorical(20, 10), Bernoulli(200)], ids=["categorical", "bernoulli"])
-@pytest.mark.parametrize("tau", [0.5, 2.0])
-def test_st_gradient_equals_the_relaxed_sample_gradient_for_the_same_noise(latent, tau):
-    g = torch.Generator().manual_seed(1)
-    base = torch.randn(64, *latent.shape, generator=g)
-    weights = torch.randn(64, *latent.shape, generator=g)  # f(z) = sum(weights * z), fixed and linear
-
-    def grad_of(estimator_cls) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = base.clone().requires_grad_()
-        torch.manual_seed(2)  # the same noise for both estimators
-        z = estimator_cls(latent).sample(logits, torch.tensor(tau))
-        (grad,) = torch.autograd.grad((weights * z).sum(), logits)
-        return z.detach(), grad
-
-    z_st, grad_st = grad_of(STGumbelSoftmax)
-    z_relaxed, grad_relaxed = grad_of(GumbelSoftmax)
-    assert not torch.equal(z_st, z_relaxed)  # different forward values ...
-    assert grad_relaxed.abs().sum() > 0
-    torch.testing.assert_close(grad_st, grad_relaxed, rtol=1e-6, atol=1e-7)  # ... the same gradient
 
 
 # -----------------------------------------------------------------------------

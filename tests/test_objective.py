@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gvae.model import VAE
-from gvae.objective import multi_sample_bound, negative_elbo, recon_nll
+from gvae.objective import TrainStats, multi_sample_bound, negative_elbo, recon_nll
 from tests.conftest import compose_config
 
 N, K = 2, 3  # 9 codes: small enough to enumerate
@@ -18,7 +18,8 @@ N, K = 2, 3  # 9 codes: small enough to enumerate
 
 def _small_vae_and_data() -> tuple[VAE, torch.Tensor]:
     torch.manual_seed(0)
-    model = VAE(compose_config([f"model.num_vars={N}", f"model.num_classes={K}", "model.hidden=[32]"]).model)
+    cfg = compose_config([f"model.num_vars={N}", f"model.num_classes={K}", "model.hidden=[32]"])
+    model = VAE(cfg.model, cfg.data.image_shape)
     x = (torch.rand(6, 784) < 0.3).float()
     return model, x
 
@@ -72,3 +73,21 @@ def test_multi_sample_bound_with_one_sample_is_the_single_sample_bound():
     m1 = multi_sample_bound(model, x.repeat(reps, 1), _identity, num_samples=1, max_rows=6000, generator=g)
     # m = 1: log p(x, z) - log q(z | x) at one sample, whose mean is the ELBO.
     assert m1.item() == pytest.approx(exact_nelbo.mean().item(), abs=0.5)
+
+
+def test_the_broadcast_likelihood_of_the_bound_equals_the_training_one():
+    """recon_nll has two forms (x broadcast over samples for the bound, binary_cross_entropy for
+    training); they must agree, or the bound and the -ELBO would measure different models."""
+    g = torch.Generator().manual_seed(3)
+    logits, x = torch.randn(7, 5, 784, generator=g) * 4, (torch.rand(5, 784, generator=g) < 0.3).float()
+    broadcast = recon_nll(logits, x)
+    one_by_one = torch.stack([recon_nll(logits[i], x) for i in range(7)])
+    torch.testing.assert_close(broadcast, one_by_one, rtol=1e-5, atol=1e-3)
+
+
+def test_train_stats_name_each_figure_and_accumulate_without_reading():
+    stats = TrainStats.of(surrogate=torch.tensor(3.0), nelbo=torch.tensor(5.0), recon=torch.tensor(4.0),
+                          kl=torch.tensor(1.0))
+    total = TrainStats.zeros(torch.device("cpu")).add_(stats).add_(stats)
+    assert total.means(2) == {"surrogate": 3.0, "nelbo": 5.0, "recon": 4.0, "kl": 1.0}
+    assert stats.kl.item() == 1.0 and stats.clone().values is not stats.values

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gvae.schedules import constant, exponential, temperature
+from gvae.config import validate
+from gvae.schedules import ExponentialSchedule, constant, exponential
 from tests.conftest import compose_config
 
 # (step, expected tau) for tau0 = 1, rate = 1e-4, every = 1000, tau_min = 0.5 (the paper's grid):
@@ -58,5 +59,23 @@ def test_constant_schedule_is_tau0_at_every_step(step):
     ],
 )
 def test_temperature_follows_the_configured_schedule(overrides, step, tau):
-    cfg = compose_config(overrides)
-    assert temperature(cfg.schedule, step) == pytest.approx(tau, abs=1e-9)
+    cfg = validate(compose_config(overrides))
+    assert cfg.schedule.temperature(step) == pytest.approx(tau, abs=1e-9)
+
+
+@pytest.mark.parametrize("every", [1, 7, 1000])
+def test_the_temperature_changes_only_at_the_steps_next_change_names(every):
+    """The training loop recomputes tau only at next_change(step): nowhere else may it differ."""
+    schedule = ExponentialSchedule(rate=0.1 / every, every=every, tau_min=0.01)
+    step, change_at = 0, schedule.next_change(0)
+    for step in range(1, 3 * every + 5):
+        if step < change_at:
+            assert schedule.temperature(step) == schedule.temperature(step - 1)
+        else:
+            assert step == change_at and schedule.temperature(step) < schedule.temperature(step - 1)
+            change_at = schedule.next_change(step)
+
+
+def test_a_constant_schedule_never_changes():
+    cfg = validate(compose_config(["schedule=constant"]))
+    assert cfg.schedule.next_change(0) == float("inf")

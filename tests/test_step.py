@@ -6,9 +6,21 @@ import pytest
 import torch
 import torch._inductor.config
 
+from gvae.config import StepMode
 from gvae.errors import ConfigError
-from gvae.step import build_training, resolve_mode
+from gvae.step import resolve_mode
+from gvae.train import build_training
 from tests.conftest import TINY, compose_config
+
+
+@pytest.fixture
+def fallback_random():
+    """Inductor draws its own random numbers by default; fallback_random makes it use eager's
+    generator, so both steps see the same noise and any difference is the computation's. (The
+    config's own patch(): monkeypatching an inductor config entry breaks it for later tests.)"""
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+
 
 STEPS, LR = 6, 1e-3  # Adam's default learning rate in configs/optim/adam.yaml
 
@@ -20,7 +32,7 @@ def _train_losses(
                  f"device={device}", f"optim.lr={LR}"]
     cfg = compose_config(overrides)
     run = build_training(cfg)
-    losses = torch.stack([run.step(run.sampler.next(), run.tau) for _ in range(STEPS)])
+    losses = torch.stack([run.step(run.sampler.next(), run.tau).values for _ in range(STEPS)])
     return losses, [p.detach().clone() for p in run.model.parameters()]
 
 
@@ -40,10 +52,7 @@ def assert_same_parameters(params: list[torch.Tensor], reference: list[torch.Ten
 
 
 @pytest.mark.slow
-def test_compiled_step_matches_eager_step(mnist_root, monkeypatch):
-    # Inductor draws its own random numbers by default; fallback_random makes it use eager's
-    # generator, so both steps see the same noise and any difference is the computation's.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_compiled_step_matches_eager_step(mnist_root, fallback_random):
     torch._dynamo.reset()
     # Static binarization: the only random numbers in the compiled loss are then the latent's
     # torch.rand, which fallback_random routes through eager's generator on every torch release
@@ -59,8 +68,7 @@ def test_compiled_step_matches_eager_step(mnist_root, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize("mode", ["graph", "compile_graph"])
-def test_captured_step_matches_eager_step_on_cuda(mnist_root, monkeypatch, mode):
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+def test_captured_step_matches_eager_step_on_cuda(mnist_root, fallback_random, mode):
     torch._dynamo.reset()
     eager_losses, eager_params = _train_losses("eager", "cuda")
     graph_losses, graph_params = _train_losses(mode, "cuda")
@@ -74,4 +82,4 @@ def test_captured_step_matches_eager_step_on_cuda(mnist_root, monkeypatch, mode)
 def test_graph_modes_need_cuda():
     with pytest.raises(ConfigError, match="train.compile='graph'"):
         resolve_mode("graph", torch.device("cpu"))
-    assert resolve_mode("auto", torch.device("cpu")) == "eager"
+    assert resolve_mode("auto", torch.device("cpu")) is StepMode.eager

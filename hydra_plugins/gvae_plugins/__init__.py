@@ -1,0 +1,1 @@
+"""gvae's Hydra plugins: the rows sweeper (and the packed launcher)."""

@@ -1,0 +1,98 @@
+"""gvae/checkpoint.py: what a checkpoint holds, that it is written atomically and read as tensors
+only, and that a run resumes only from a checkpoint of its own configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gvae.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from gvae.config import container
+from gvae.errors import CheckpointError
+from gvae.train import train
+from tests.conftest import TINY, compose_config
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def saved_config(*overrides: str) -> dict:
+    """The plain config a checkpoint of `gvae-train overrides` holds."""
+    return container(compose_config(list(overrides)))
+
+
+def test_checkpoint_from_another_model_or_estimator_names_each_difference():
+    saved = saved_config("model.num_vars=30", "estimator=st_gumbel_softmax")
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(Path("last.pt"), saved, saved_config())
+    message = str(err.value)
+    assert "model.num_vars: 30 in the checkpoint, 20 now" in message
+    assert "estimator.name: 'st_gumbel_softmax' in the checkpoint, 'gumbel_softmax' now" in message
+    assert "model.num_classes" not in message
+
+
+def test_checkpoint_allows_a_longer_run_on_another_device_with_other_cadences():
+    saved = saved_config("train.max_steps=100", "device=cpu", "train.eval_every=7", "eval.num_samples=5",
+                         "data.root=/elsewhere")
+    check_compatible(Path("last.pt"), saved, saved_config("train.max_steps=200", "device=auto"))
+
+
+def test_resume_from_a_mismatched_checkpoint_fails_before_training(tmp_path):
+    state = {k: {} for k in ("model", "estimator", "optimizer", "sampler", "rng")}
+    state.update(step=10, val_nelbo_best=1.0, config=saved_config(*TINY, "model.hidden=[64]"))
+    (tmp_path / "checkpoints").mkdir()
+    save_checkpoint(tmp_path / "checkpoints" / "last.pt", state)
+    with pytest.raises(CheckpointError, match=r"model.hidden: \[64\] in the checkpoint, \[512, 256\] now"):
+        train(compose_config([*TINY, "train.resume=true"]), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]
+
+
+def test_checkpoints_load_tensors_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Path("/etc/passwd")}, path)  # an arbitrary pickled object
+    with pytest.raises(CheckpointError, match=f"{path} cannot be read"):
+        load_checkpoint(path)
+
+
+def test_damaged_or_foreign_checkpoints_are_named(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}}, path)
+    with pytest.raises(CheckpointError, match="is not a gvae checkpoint: missing"):
+        load_checkpoint(path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=f"{path} cannot be read"):
+        load_checkpoint(path)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def torch_save_then_die(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # a kill in the middle of writing
+
+    monkeypatch.setattr(torch, "save", torch_save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2})
+    assert torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_a_checkpoint_from_before_the_typed_options_resumes_with_their_defaults():
+    """Checkpoints written before estimator options, data options and the network node existed hold
+    fewer keys: those keys count as their defaults, which is what the older code used."""
+    saved = saved_config("estimator=score_function")
+    del saved["estimator"]["decay"], saved["estimator"]["min_var"], saved["model"]["net"]
+    del saved["data"]["name"], saved["data"]["image_shape"]
+    check_compatible(Path("last.pt"), saved, saved_config("estimator=score_function"))
+    with pytest.raises(CheckpointError, match=r"estimator.decay: 0.8 in the checkpoint, 0.5 now"):
+        now = saved_config("estimator=score_function", "estimator.decay=0.5")
+        check_compatible(Path("last.pt"), saved, now)
+
+
+def test_the_old_name_of_the_best_validation_figure_is_read(tmp_path):
+    state = {k: {} for k in ("model", "estimator", "optimizer", "sampler", "rng", "config")}
+    save_checkpoint(tmp_path / "old.pt", {**state, "step": 3, "best_val": 99.0})
+    assert load_checkpoint(tmp_path / "old.pt")["val_nelbo_best"] == 99.0
