@@ -148,6 +148,7 @@ class Config:
         self.data.check("data")
         self.model.check("model", list(self.data.image_shape))
         self.estimator.check("estimator")
+        self.estimator.check_latent("estimator", self.model.latent.value)
         self.schedule.check("schedule")
         self.optim.check("optim")
         self.train.check("train")

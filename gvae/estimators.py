@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -28,7 +29,7 @@ from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from gvae.errors import require
-from gvae.latents import Latent
+from gvae.latents import Bernoulli, Latent
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -38,12 +39,20 @@ class EstimatorConfig:
     """Base schema of the `estimator` group: the registered name; subclasses add their options."""
 
     name: str = MISSING
+    latents: ClassVar[tuple[str, ...]] = ("categorical", "bernoulli")  # the latent types it is defined for
+    other_latents_hint: ClassVar[str] = ""
 
     def check(self, key: str) -> None:
         """Range checks of the options (their types are checked by the schema)."""
         require(self.name in ESTIMATORS, f"{key}.name", self.name, f"one of {sorted(ESTIMATORS)}")
         require(isinstance(self, ESTIMATORS[self.name].config), f"{key}.name", self.name,
                 f"these options are {type(self).__name__}'s; choose another estimator with estimator=NAME")
+
+    def check_latent(self, key: str, latent: str) -> None:
+        """ConfigError unless the estimator is defined for this latent type."""
+        require(latent in self.latents, "model.latent", latent,
+                f"{key}={self.name} is defined for {' and '.join(self.latents)} latents only"
+                f"{self.other_latents_hint}")
 
 
 ESTIMATORS: dict[str, type[Estimator]] = {}
@@ -326,15 +335,215 @@ class MuProp(ScoreFunctionBase):
         return surrogate, value.detach()
 
 
+# -----------------------------------------------------------------------------
+# estimators since the paper
+
+
+@dataclass
+class ReinMaxConfig(EstimatorConfig):
+    name: str = "reinmax"
+    tau: float | None = 1.0  # ReinMax's own temperature (its authors use tau >= 1); null: the schedule's
+
+
+@register(ReinMaxConfig)
+class ReinMax(Reparameterized):
+    """ReinMax: a second-order straight-through estimator (Liu et al., NeurIPS 2023).
+
+    Forward an exact sample D ~ q. With pi0 = softmax(logits) and pi1 = (D + softmax(logits /
+    tau)) / 2, the gradient reaching the logits is 2 (diag(pi1) - pi1 pi1^T) g - (1/2) (diag(pi0)
+    - pi0 pi0^T) g, g the loss's gradient at D. Built as the sample plus a zero-valued surrogate:
+    2 softmax(logits + c) - pi0 / 2, c = log pi1 - logits held fixed (so softmax(logits + c) = pi1
+    and its Jacobian is that of the softmax at pi1). A binary unit is the two-class case: sigmoid
+    in place of softmax (the Jacobian pi (1 - pi)). `tau`: ReinMax's temperature; null follows the
+    schedule.
+    """
+
+    def sample(self, logits, tau):
+        tau = tau if self.cfg.tau is None else self.cfg.tau
+        latent = self.latent
+        z = latent.sample(logits.detach())
+        pi0 = latent.probs(logits)
+        pi1 = (z + latent.relax(logits, tau).detach()) / 2
+        tilted = latent.probs(logits + (latent.logits_of(pi1) - logits).detach())
+        return straight_through(z, 2 * tilted - pi0 / 2)
+
+
+@dataclass
+class GumbelRaoConfig(EstimatorConfig):
+    name: str = "gumbel_rao"
+    k: int = 10  # Gumbel draws per sample
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(self.k >= 1, f"{key}.k", self.k, "must be >= 1")
+
+
+@register(GumbelRaoConfig)
+class GumbelRao(Reparameterized):
+    """Gumbel-Rao Monte Carlo, GR-MC K (Paulus, Maddison & Krause, ICLR 2021).
+
+    Forward the exact sample D = argmax(logits + G). Backward the straight-through Gumbel-Softmax
+    gradient averaged over K draws of the noise given D: the gradient of
+    (1/K) sum_k softmax((logits + G_k) / tau), G_k ~ p(G | argmax(logits + G) = D) drawn top-down
+    (Latent.conditional_perturbed) and held fixed, so it is the conditional expectation of
+    st_gumbel_softmax's gradient given D estimated by K draws: the same mean, no more variance.
+    A binary unit: logistic noise given its sign, sigmoid in place of softmax.
+    """
+
+    def sample(self, logits, tau):
+        latent = self.latent
+        perturbed = logits + latent.noise(logits)
+        z = latent.harden(perturbed).detach()
+        draws = z.expand(self.cfg.k, *z.shape)
+        noise = (latent.conditional_perturbed(logits.detach(), draws) - logits.detach()).detach()
+        soft = latent.relax(logits + noise, tau).mean(0)
+        return straight_through(z, soft)
+
+
+@dataclass
+class GappedSTConfig(EstimatorConfig):
+    name: str = "gapped_st"
+    gap: float = 1.0  # kappa: GST-1.0
+    latents: ClassVar[tuple[str, ...]] = ("categorical",)
+    other_latents_hint: ClassVar[str] = " (its authors define it for categorical variables only)"
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(self.gap >= 0, f"{key}.gap", self.gap, "must be >= 0")
+
+
+@register(GappedSTConfig)
+class GappedST(Reparameterized):
+    """Gapped straight-through, GST-1.0 (Fan, Chi, Rudnicky & Ramadge, ICML 2022).
+
+    Forward an exact sample D ~ q (class i). Backward through softmax(logits~ / tau), logits~ the
+    logits moved, with the move held fixed, as little as makes class i lead by `gap` (kappa):
+    logits~_i = max_k logits_k and logits~_j = min(logits_j, max_k logits_k - kappa) for j != i.
+    tau follows the schedule. As its authors' code does (chijames/GST); their paper's text was
+    not available to check against. Categorical latents only.
+    """
+
+    def sample(self, logits, tau):
+        fixed = logits.detach()
+        z = self.latent.sample(fixed)
+        top = fixed.max(dim=-1, keepdim=True).values
+        moved = torch.where(z > 0, top, torch.minimum(fixed, top - self.cfg.gap))
+        return straight_through(z, self.latent.relax(logits + (moved - fixed), tau))
+
+
+@dataclass
+class DecoupledSTGSConfig(EstimatorConfig):
+    name: str = "decoupled_st_gs"
+    forward_tau: float = 1.0  # the sample's temperature: 1 draws from q itself
+    backward_tau: float | None = None  # the relaxation's; null: the schedule's
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(self.forward_tau > 0, f"{key}.forward_tau", self.forward_tau, "must be > 0")
+        require(self.backward_tau is None or self.backward_tau > 0, f"{key}.backward_tau", self.backward_tau,
+                "must be > 0 (or null: the schedule's temperature)")
+
+
+@register(DecoupledSTGSConfig)
+class DecoupledSTGS(Reparameterized):
+    """Straight-through Gumbel-Softmax with separate forward and backward temperatures (Shah, Yan,
+    Mozer & Liu, arXiv 2410.13331, 2024).
+
+    With one Gumbel (logistic for binary units) draw g: forward the hard sample
+    one_hot(argmax(logits / tau_f + g)), a draw from softmax(logits / tau_f); backward the
+    gradient of softmax(logits / tau_b + g). The temperatures divide the logits, not logits + g,
+    so that tau_f changes the sample (with (logits + g) / tau_f it would not). This follows the
+    description of the paper's Algorithm 1 in its ICLR 2025 reviews; the paper's own text was not
+    available to check against. tau_f = `forward_tau` (1: exact samples from q), tau_b =
+    `backward_tau` (null: the schedule's); the paper's analysis used tau_f = 1.6, tau_b = 1.3.
+    """
+
+    def sample(self, logits, tau):
+        tau_b = tau if self.cfg.backward_tau is None else self.cfg.backward_tau
+        g = self.latent.noise(logits)
+        z = self.latent.harden(logits.detach() / self.cfg.forward_tau + g)
+        return straight_through(z, self.latent.relax(logits / tau_b + g, 1.0))
+
+
+@dataclass
+class DisARMConfig(EstimatorConfig):
+    name: str = "disarm"
+    latents: ClassVar[tuple[str, ...]] = ("bernoulli",)
+    other_latents_hint: ClassVar[str] = (" (model=bernoulli); for a categorical latent use another unbiased "
+                                         "estimator: rebar, muprop or score_function")
+
+
+@register(DisARMConfig)
+class DisARM(Estimator):
+    """DisARM: antithetic, unbiased, for binary latents (Dong, Mnih & Tucker, NeurIPS 2020).
+
+    One uniform u per variable gives the pair b = 1[u < sigma(logits)], b~ = 1[1 - u < sigma(logits)].
+    Encoder gradient of variable j: (1/2) (f(b) - f(b~)) (-1)^(b~_j) 1[b_j != b~_j] sigma(|logits_j|),
+    unbiased for d E_q[f] / d logits_j. Decoder gradient: (1/2) (grad f(b) + grad f(b~)), unbiased
+    too; the value reported is f(b). Defined for binary units only: with a
+    categorical latent it is a configuration error (no categorical counterpart is implemented).
+    """
+
+    def __init__(self, latent: Latent, cfg: DisARMConfig):
+        super().__init__(latent, cfg)
+        if not isinstance(latent, Bernoulli):
+            cfg.check_latent("estimator", "categorical")  # raises, naming what to use instead
+
+    def forward(self, logits, tau, f):
+        u = torch.rand_like(logits, dtype=torch.float32)
+        p = torch.sigmoid(logits.detach())
+        b, b_anti = (u < p).float(), (1 - u < p).float()
+        f_b, f_anti = f(b), f(b_anti)
+        sign = torch.where(b_anti > 0, -1.0, 1.0)
+        weight = sign * (b != b_anti).float() * torch.sigmoid(logits.detach().abs())
+        grad = 0.5 * (f_b - f_anti).detach().unsqueeze(-1) * weight
+        return 0.5 * (f_b + f_anti) + (grad * logits).sum(-1), f_b.detach()
+
+
+@dataclass
+class REBARConfig(EstimatorConfig):
+    name: str = "rebar"
+    temperature: float = 0.5  # lambda of the relaxation in the control variate
+    eta: float = 1.0  # the control variate's scale
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(self.temperature > 0, f"{key}.temperature", self.temperature, "must be > 0")
+
+
+@register(REBARConfig)
+class REBAR(Estimator):
+    """REBAR: the score function with a control variate built from the continuous relaxation,
+    unbiased (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein, NeurIPS 2017).
+
+    With z = logits + G (Gumbel or logistic noise), b = H(z) the exact sample, z~ ~ p(z | b)
+    reparameterized in the logits (Latent.conditional_perturbed), and s(.) = softmax(. / lambda)
+    (sigmoid for binary units), the encoder gradient is
+        [f(b) - eta f(s(z~))] grad log q(b) + eta grad f(s(z)) - eta grad f(s(z~)),
+    the last two terms differentiated through z and z~ and taken for the logits only (the decoder's
+    gradient is grad f(b)). lambda = `temperature` and eta = `eta` are fixed options here (the paper
+    also learns them by minimising the estimator's variance; not implemented).
+    """
+
+    def forward(self, logits, tau, f):
+        latent, lam, eta = self.latent, self.cfg.temperature, self.cfg.eta
+        perturbed = logits + latent.noise(logits)
+        b = latent.harden(perturbed).detach()
+        value = f(b)
+        relaxed = f(latent.relax(perturbed, lam))
+        conditioned = f(latent.relax(latent.conditional_perturbed(logits, b), lam))
+        surrogate = value + (value - eta * conditioned).detach() * latent.log_prob(b, logits)
+        if logits.requires_grad:  # the control variate's pathwise terms, for the logits only
+            (pathwise,) = torch.autograd.grad(eta * (relaxed - conditioned).sum(), logits, retain_graph=True)
+            surrogate = surrogate + latent.flatten(pathwise.detach() * logits).sum(-1)
+        return surrogate, value.detach()
+
+
 def estimator_help() -> str:
     """One line per registered estimator: its name and the first line of its docstring."""
     width = max(map(len, ESTIMATORS))
     return "\n".join(f"{name:<{width}}  {(cls.__doc__ or '').strip().splitlines()[0]}"
                      for name, cls in sorted(ESTIMATORS.items()))
-
-
-# gvae-train --help lists the estimators through this resolver (configs/config.yaml, hydra.help).
-OmegaConf.register_new_resolver("gvae_estimators", estimator_help, replace=True)
 
 
 def build_estimator(cfg: EstimatorConfig, latent: Latent) -> Estimator:

@@ -73,6 +73,17 @@ class Latent:
         """The code with every variable at the centre of its values: 1/K per class, or 1/2."""
         raise NotImplementedError
 
+    def logits_of(self, mean: torch.Tensor) -> torch.Tensor:
+        """Logits whose mean code (`probs`) is `mean`: log p, or log p - log(1 - p)."""
+        raise NotImplementedError
+
+    def conditional_perturbed(self, logits: torch.Tensor, z: torch.Tensor,
+                              generator: torch.Generator | None = None) -> torch.Tensor:
+        """logits + noise drawn from the noise's distribution given that the exact sample is z
+        (Maddison et al. 2014; Tucker et al. 2017, appendix), differentiable in the logits.
+        `logits` may lack leading sample dimensions of z."""
+        raise NotImplementedError
+
     def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Exact sample from q (no gradient)."""
         return self.harden(logits + self.noise(logits, generator))
@@ -106,6 +117,20 @@ class Categorical(Latent):
 
     def probs(self, logits):
         return torch.softmax(logits, dim=-1)
+
+    def logits_of(self, mean):
+        return torch.log(mean.clamp(min=torch.finfo(mean.dtype).tiny))
+
+    def conditional_perturbed(self, logits, z, generator=None):
+        # Top-down Gumbel sampling: the maximum is log Z plus a Gumbel, the others Gumbels truncated
+        # below it. With E ~ Exp(1) per class and E_b that of the sampled class b:
+        #   y_b = log Z - log E_b,   y_k = -log(E_k exp(-logits_k) + E_b / Z)  (k != b).
+        e = -torch.log(_uniform(z.shape, z.device, generator))
+        e_b = (z * e).sum(-1, keepdim=True)
+        log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+        top = log_z - torch.log(e_b)
+        others = -torch.logaddexp(torch.log(e) - logits, torch.log(e_b) - log_z)
+        return z * top + (1 - z) * others
 
     def log_prob(self, z, logits):
         return (z * torch.log_softmax(logits, dim=-1)).sum(dim=(-2, -1))
@@ -153,6 +178,21 @@ class Bernoulli(Latent):
 
     def probs(self, logits):
         return torch.sigmoid(logits)
+
+    def logits_of(self, mean):
+        eps = torch.finfo(mean.dtype).eps
+        mean = mean.clamp(eps, 1 - eps)
+        return torch.log(mean) - torch.log1p(-mean)
+
+    def conditional_perturbed(self, logits, z, generator=None):
+        # z = 1 exactly when the uniform u of the logistic noise log(u / (1 - u)) exceeds 1 - p, so
+        # given z, u = 1 - p + v p (z = 1) or u = v (1 - p) (z = 0), v ~ U(0, 1); logs kept stable.
+        v = _uniform(z.shape, z.device, generator).clamp(max=1 - torch.finfo(torch.float32).eps)
+        log_u1 = torch.log(torch.sigmoid(-logits) + v * torch.sigmoid(logits))
+        log_not_u1 = F.logsigmoid(logits) + torch.log1p(-v)
+        log_u0 = torch.log(v) + F.logsigmoid(-logits)
+        log_not_u0 = torch.log1p(-v * torch.sigmoid(-logits))
+        return logits + z * (log_u1 - log_not_u1) + (1 - z) * (log_u0 - log_not_u0)
 
     def log_prob(self, z, logits):
         # z log sigmoid(l) + (1 - z) log sigmoid(-l) = z l - softplus(l), written to broadcast.

@@ -56,7 +56,10 @@ def test_config_folder_has_the_documented_groups():
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_option_composes_and_builds(group, option):
-    build_and_step([f"{group}={option}"])
+    overrides = [f"{group}={option}"]
+    if group == "estimator" and "categorical" not in ESTIMATORS[option].config.latents:
+        overrides.append("model=bernoulli")
+    build_and_step(overrides)
 
 
 def test_the_convolutional_network_builds_for_every_data_option():
@@ -170,6 +173,9 @@ def test_misspelt_key_in_a_config_file_fails_naming_the_key(tmp_path):
         (["device=tpu"], "device='tpu' is not allowed: one of auto, cpu, cuda, cuda:N"),
         (["device=mps"], "device='mps' is not allowed: one of auto, cpu, cuda, cuda:N"),
         (["data.num_val=20000"], "data.num_train + data.num_val (=20000) must be <= 60000"),
+        (["estimator=disarm"], "model.latent='categorical' is not allowed: estimator=disarm is defined for "
+                               "bernoulli latents only (model=bernoulli); for a categorical latent use"),
+        (["estimator=gapped_st", "model=bernoulli"], "gapped_st is defined for categorical latents"),
         (["data=synthetic", "data.parts=5"], "data.parts=5 is not allowed: must divide the image's height"),
     ],
 )
