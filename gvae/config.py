@@ -82,6 +82,24 @@ class EvalConfig:
 
 
 @dataclass
+class DiagConfig:
+    """The gradient microscope during training (gvae/diagnostics.py)."""
+
+    every: int = 0  # steps between diagnoses; 0: off
+    draws: int = 100  # draws of the estimator's gradient
+    batch: int = 16  # validation images (the first ones: the same batch every time)
+    max_codes: int = 4096  # the exact reference when an image has at most this many codes
+    reference_draws: int = 32  # draws of the local expectation gradient otherwise
+
+    def check(self, key: str) -> None:
+        require(self.every >= 0, f"{key}.every", self.every, "must be >= 0 (0: off)")
+        require(self.max_codes >= 0, f"{key}.max_codes", self.max_codes, "must be >= 0")
+        for name in ("draws", "batch", "reference_draws"):
+            require(getattr(self, name) >= 2, f"{key}.{name}", getattr(self, name),
+                    "must be >= 2 (a variance needs two draws)")
+
+
+@dataclass
 class OptimConfig:
     """Base schema of the `optim` group: a torch.optim class, built by hydra.utils.instantiate once
     the parameters exist (`_partial_`)."""
@@ -138,6 +156,7 @@ class Config:
     optim: OptimConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    diag: DiagConfig = field(default_factory=DiagConfig)
     seed: int = 0
     device: str = "auto"
 
@@ -153,6 +172,7 @@ class Config:
         self.optim.check("optim")
         self.train.check("train")
         self.eval.check("eval")
+        self.diag.check("diag")
         require(self.data.num_train >= self.train.batch_size, "data.num_train", self.data.num_train,
                 f"must be >= train.batch_size={self.train.batch_size}")
         resolve_device(self.device)

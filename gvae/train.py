@@ -41,6 +41,7 @@ from gvae.config import (
     validate,
 )
 from gvae.data import BatchSampler, Splits, load_splits
+from gvae.diagnostics import diagnose
 from gvae.errors import CheckpointError, ConfigError, GvaeError, Interrupted, NonFiniteError
 from gvae.estimators import Estimator, build_estimator
 from gvae.evaluation import eval_generator, evaluate, split_nelbo
@@ -183,7 +184,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     run = build_training(typed, saved)
     device, splits, sampler, model, estimator, optimizer = (
         run.device, run.splits, run.sampler, run.model, run.estimator, run.optimizer)
-    schedule, evaluation = typed.schedule, typed.eval
+    schedule, evaluation, diag = typed.schedule, typed.eval, typed.diag
     max_steps, log_every = typed.train.max_steps, typed.train.log_every
     eval_every, ckpt_every = typed.train.eval_every, typed.train.ckpt_every
     step, best_val = (saved["step"], saved["val_nelbo_best"]) if saved else (0, float("inf"))
@@ -277,6 +278,13 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                     writer.add_scalar("val/nelbo", last_val, step)
                     writer.flush()
                     log.info("step %d  val nelbo %.3f", step, last_val)
+                    t_log = time.perf_counter()
+
+                if diag.every and step % diag.every == 0:
+                    batch = splits.eval_targets(splits.val[: diag.batch])
+                    figures = diagnose(model, estimator, batch, tau, diag)
+                    for name, value in figures.items():
+                        writer.add_scalar(f"grad/{name}", value, step)
                     t_log = time.perf_counter()
 
                 if step % ckpt_every == 0 or step == max_steps or received:

@@ -196,3 +196,29 @@ def test_bernoulli_kl_matches_torch_distributions(prior):
     expected = kl_divergence(TorchBernoulli(logits=logits), prior)
     assert kl.shape == (32,)
     torch.testing.assert_close(kl, expected.sum(-1), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("latent", [Categorical(1, 3), Bernoulli(1)], ids=["categorical", "bernoulli"])
+def test_noise_given_the_sample_has_the_conditional_distribution_of_the_noise(latent):
+    """conditional_perturbed(logits, z) ~ logits + noise given that the exact sample is z: the
+    same sample, and for each value of z the same mean and quantiles as the filtered unconditional
+    draws (Gumbel-Rao and REBAR rest on it)."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.5, -0.3, 1.2]]) if isinstance(latent, Categorical) else torch.tensor([0.4])
+    n = 200_000
+    batch = logits.expand(n, *latent.shape)
+    perturbed = batch + latent.noise(batch)
+    z = latent.harden(perturbed)
+    conditional = latent.conditional_perturbed(logits, z)
+    assert torch.equal(latent.harden(conditional), z)
+    for value in range(3 if isinstance(latent, Categorical) else 2):
+        mask = z[:, 0, value] > 0 if isinstance(latent, Categorical) else z[:, 0] == value
+        a, b = perturbed[mask].flatten(1), conditional[mask].flatten(1)
+        se = (a.var(0) / len(a) + b.var(0) / len(b)).sqrt()
+        assert ((a.mean(0) - b.mean(0)).abs() < 5 * se).all()
+        for q in (0.1, 0.5, 0.9):
+            assert torch.allclose(a.quantile(q, dim=0), b.quantile(q, dim=0), atol=0.03)
+    # A wrong conditional (the unconditional noise) fails the same comparison.
+    other = batch + latent.noise(batch)
+    mask = z[:, 0, 0] > 0 if isinstance(latent, Categorical) else z[:, 0] == 1
+    assert not torch.allclose(perturbed[mask].mean(0), other[mask].mean(0), atol=0.05)
