@@ -41,6 +41,7 @@ class EstimatorConfig:
     name: str = MISSING
     latents: ClassVar[tuple[str, ...]] = ("categorical", "bernoulli")  # the latent types it is defined for
     other_latents_hint: ClassVar[str] = ""
+    uses_temperature: ClassVar[bool] = False  # whether the schedule's tau changes its gradient
 
     def check(self, key: str) -> None:
         """Range checks of the options (their types are checked by the schema)."""
@@ -117,6 +118,7 @@ class Reparameterized(Estimator):
 @dataclass
 class GumbelSoftmaxConfig(EstimatorConfig):
     name: str = "gumbel_softmax"
+    uses_temperature: ClassVar[bool] = True
 
 
 @register(GumbelSoftmaxConfig)
@@ -130,6 +132,7 @@ class GumbelSoftmax(Reparameterized):
 @dataclass
 class STGumbelSoftmaxConfig(EstimatorConfig):
     name: str = "st_gumbel_softmax"
+    uses_temperature: ClassVar[bool] = True
 
 
 @register(STGumbelSoftmaxConfig)
@@ -164,6 +167,7 @@ class StraightThrough(Reparameterized):
 @dataclass
 class SlopeAnnealedSTConfig(EstimatorConfig):
     name: str = "slope_annealed_st"
+    uses_temperature: ClassVar[bool] = True
 
 
 @register(SlopeAnnealedSTConfig)
@@ -342,6 +346,7 @@ class MuProp(ScoreFunctionBase):
 @dataclass
 class ReinMaxConfig(EstimatorConfig):
     name: str = "reinmax"
+    uses_temperature: ClassVar[bool] = True
     tau: float | None = 1.0  # ReinMax's own temperature (its authors use tau >= 1); null: the schedule's
 
 
@@ -371,6 +376,7 @@ class ReinMax(Reparameterized):
 @dataclass
 class GumbelRaoConfig(EstimatorConfig):
     name: str = "gumbel_rao"
+    uses_temperature: ClassVar[bool] = True
     k: int = 10  # Gumbel draws per sample
 
     def check(self, key: str) -> None:
@@ -403,6 +409,7 @@ class GumbelRao(Reparameterized):
 @dataclass
 class GappedSTConfig(EstimatorConfig):
     name: str = "gapped_st"
+    uses_temperature: ClassVar[bool] = True
     gap: float = 1.0  # kappa: GST-1.0
     latents: ClassVar[tuple[str, ...]] = ("categorical",)
     other_latents_hint: ClassVar[str] = " (its authors define it for categorical variables only)"
@@ -434,6 +441,7 @@ class GappedST(Reparameterized):
 @dataclass
 class DecoupledSTGSConfig(EstimatorConfig):
     name: str = "decoupled_st_gs"
+    uses_temperature: ClassVar[bool] = True
     forward_tau: float = 1.0  # the sample's temperature: 1 draws from q itself
     backward_tau: float | None = None  # the relaxation's; null: the schedule's
 
