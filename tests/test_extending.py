@@ -75,4 +75,5 @@ def test_a_toy_estimator_trains_from_the_cli_with_typed_options_and_reaches_the_
     out = tmp_path / "results"
     run([script, "record", str(sweep), "--out", str(out), "--num-samples", "2"], tmp_path, env)
     table = (out / "results.md").read_text()
-    assert any(line.startswith("| categorical (4x4) | toy | — |") for line in table.splitlines()), table
+    assert any(line.startswith("| categorical (4x4) | toy† | — |") for line in table.splitlines()), table
+    assert "† beyond the paper" in table
