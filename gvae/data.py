@@ -17,6 +17,7 @@ import torch
 from omegaconf import MISSING
 
 from gvae.errors import DataError, require
+from gvae.rng import CounterRNG
 
 
 class Binarization(str, Enum):
@@ -63,13 +64,15 @@ class Splits:
     test: torch.Tensor
     binarization: Binarization
     image_shape: tuple[int, ...] = (1, 28, 28)
+    rng: CounterRNG | None = None  # the trainer's, for dynamic binarization
 
     def targets(self, x: torch.Tensor) -> torch.Tensor:
         """Float Bernoulli targets for a batch of training images (dynamic: resampled here)."""
         if self.binarization is Binarization.none:
             return x.float() / 255.0
         if self.binarization is Binarization.dynamic:
-            return (torch.rand(x.shape, device=x.device) * 255.0 < x).float()
+            u = self.rng.uniform(x.shape) if self.rng is not None else torch.rand(x.shape, device=x.device)
+            return (u * 255.0 < x).float()
         return x.float()
 
     def eval_targets(self, x: torch.Tensor) -> torch.Tensor:

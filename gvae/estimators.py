@@ -74,20 +74,42 @@ def register(config: type[EstimatorConfig]):
 
 
 class Estimator(nn.Module):
-    """Base class. Subclasses implement `forward`; state (baselines) lives in buffers."""
+    """Base class. Subclasses implement `forward`; state (baselines) lives in buffers.
+
+    Packed runs (gvae/packing.py) stack S runs along a leading dimension of every tensor (logits
+    (S, B, ...), f's values (S, B)) and give one config per run (`runs`): read options through
+    `option`, which gives a number, or per run a tensor that broadcasts, and reduce over the batch
+    dimension `self.batch_dim` (0, or 1 when packed). Buffers then hold one entry per run.
+    """
 
     name: str
     config: type[EstimatorConfig]
 
-    def __init__(self, latent: Latent, cfg: EstimatorConfig):
+    def __init__(self, latent: Latent, cfg: EstimatorConfig, runs: list[EstimatorConfig] | None = None):
         super().__init__()
         self.latent, self.cfg = latent, cfg
+        self.runs = runs or []
+        self.batch_dim = 1 if runs else 0
+        self.pack_shape = (len(runs),) if runs else ()
+        self._options: dict[tuple, torch.Tensor] = {}
+
+    def option(self, name: str, like: torch.Tensor):
+        """The option `name`: a number, or, when packed runs differ in it, a tensor (S, 1, ..., 1)
+        on `like`'s device that broadcasts against it (made once: a captured graph may not copy)."""
+        values = [getattr(cfg, name) for cfg in self.runs] or [getattr(self.cfg, name)]
+        if all(v == values[0] for v in values):
+            return values[0]
+        key = (name, like.dim(), like.device)
+        if key not in self._options:
+            shape = (len(values),) + (1,) * (like.dim() - 1)
+            self._options[key] = torch.tensor(values, dtype=torch.float32, device=like.device).view(shape)
+        return self._options[key]
 
     def forward(
         self, logits: torch.Tensor, tau: torch.Tensor, f: LossFn
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (surrogate, value), both (B,): surrogate.mean() carries the gradient estimate,
-        value is f at the sampled code, detached, for logging."""
+        """Return (surrogate, value), both (B,) (or (S, B) packed): surrogate.mean(-1) carries the
+        gradient estimate, value is f at the sampled code, detached, for logging."""
         raise NotImplementedError
 
 
@@ -214,13 +236,17 @@ class ScoreFunctionBase(Estimator):
 
     per_variable = False  # one learning signal per example, or one per latent variable
 
-    def __init__(self, latent: Latent, cfg: ScoreFunctionOptions):
-        super().__init__(latent, cfg)
-        self.decay, self.min_var = cfg.decay, cfg.min_var
-        shape = (latent.num_vars,) if self.per_variable else ()
+    def __init__(self, latent: Latent, cfg: ScoreFunctionOptions,
+                 runs: list[ScoreFunctionOptions] | None = None):
+        super().__init__(latent, cfg, runs)
+        shape = self.pack_shape + ((latent.num_vars,) if self.per_variable else ())
         self.register_buffer("mean", torch.zeros(shape))
         self.register_buffer("var", torch.ones(shape))
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def min_var(self):
+        return self.option("min_var", self.mean)
 
     def centre(self, signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (signal - b, s), s = 1 / sqrt(max(v, min_var)), then update b and v.
@@ -229,20 +255,22 @@ class ScoreFunctionBase(Estimator):
         centred by its own values (which would bias it); the first batch, with no history,
         starts them from its own statistics. torch.where instead of an `if`: no host sync.
         """
-        signal = signal.detach()
-        batch_mean, batch_var = signal.mean(0), signal.var(0, unbiased=False)
+        signal, batch = signal.detach(), self.batch_dim
+        batch_mean, batch_var = signal.mean(batch), signal.var(batch, unbiased=False)
         mean = torch.where(self.started, self.mean, batch_mean)
         var = torch.where(self.started, self.var, batch_var)
-        self.mean.copy_(torch.lerp(batch_mean, mean, self.decay))  # decay * old + (1 - decay) * new
-        self.var.copy_(torch.lerp(batch_var, var, self.decay))
+        decay = self.option("decay", mean)
+        self.mean.copy_(torch.lerp(batch_mean, mean, decay))  # decay * old + (1 - decay) * new
+        self.var.copy_(torch.lerp(batch_var, var, decay))
         self.started.fill_(True)
-        return signal - mean, var.clamp(min=self.min_var).rsqrt()
+        return signal - mean.unsqueeze(batch), var.clamp(min=self.min_var).rsqrt()
 
     def scale_encoder_gradient(self, logits: torch.Tensor, scale: torch.Tensor) -> None:
         """Multiply the whole gradient reaching `logits` (this estimator's and the KL's) by `scale`,
         per variable when the scale has one entry per variable."""
         if logits.requires_grad:  # a property of the tensor, not its value: no host sync
-            scale = scale.reshape(scale.shape + (1,) * (logits.dim() - 1 - scale.dim()))
+            scale = scale.unsqueeze(self.batch_dim)  # (S,) 1, (variables)
+            scale = scale.reshape(scale.shape + (1,) * (logits.dim() - scale.dim()))
             logits.register_hook(lambda grad: grad * scale)
 
     def code_sum(self, t: torch.Tensor) -> torch.Tensor:
@@ -364,7 +392,7 @@ class ReinMax(Reparameterized):
     """
 
     def sample(self, logits, tau):
-        tau = tau if self.cfg.tau is None else self.cfg.tau
+        tau = tau if self.cfg.tau is None else self.option("tau", logits)
         latent = self.latent
         z = latent.sample(logits.detach())
         pi0 = latent.probs(logits)
@@ -397,12 +425,14 @@ class GumbelRao(Reparameterized):
     """
 
     def sample(self, logits, tau):
-        latent = self.latent
+        latent, d = self.latent, self.batch_dim  # the K draws go where the batch starts
         perturbed = logits + latent.noise(logits)
         z = latent.harden(perturbed).detach()
-        draws = z.expand(self.cfg.k, *z.shape)
-        noise = (latent.conditional_perturbed(logits.detach(), draws) - logits.detach()).detach()
-        soft = latent.relax(logits + noise, tau).mean(0)
+        draws = z.unsqueeze(d).expand(*z.shape[:d], self.cfg.k, *z.shape[d:])
+        fixed = logits.detach().unsqueeze(d)
+        noise = (latent.conditional_perturbed(fixed, draws) - fixed).detach()
+        tau = tau.unsqueeze(d) if torch.is_tensor(tau) and tau.dim() > 0 else tau
+        soft = latent.relax(logits.unsqueeze(d) + noise, tau).mean(d)
         return straight_through(z, soft)
 
 
@@ -434,7 +464,7 @@ class GappedST(Reparameterized):
         fixed = logits.detach()
         z = self.latent.sample(fixed)
         top = fixed.max(dim=-1, keepdim=True).values
-        moved = torch.where(z > 0, top, torch.minimum(fixed, top - self.cfg.gap))
+        moved = torch.where(z > 0, top, torch.minimum(fixed, top - self.option("gap", fixed)))
         return straight_through(z, self.latent.relax(logits + (moved - fixed), tau))
 
 
@@ -467,9 +497,9 @@ class DecoupledSTGS(Reparameterized):
     """
 
     def sample(self, logits, tau):
-        tau_b = tau if self.cfg.backward_tau is None else self.cfg.backward_tau
+        tau_b = tau if self.cfg.backward_tau is None else self.option("backward_tau", logits)
         g = self.latent.noise(logits)
-        z = self.latent.harden(logits.detach() / self.cfg.forward_tau + g)
+        z = self.latent.harden(logits.detach() / self.option("forward_tau", logits) + g)
         return straight_through(z, self.latent.relax(logits / tau_b + g, 1.0))
 
 
@@ -492,13 +522,13 @@ class DisARM(Estimator):
     categorical latent it is a configuration error (no categorical counterpart is implemented).
     """
 
-    def __init__(self, latent: Latent, cfg: DisARMConfig):
-        super().__init__(latent, cfg)
+    def __init__(self, latent: Latent, cfg: DisARMConfig, runs: list[DisARMConfig] | None = None):
+        super().__init__(latent, cfg, runs)
         if not isinstance(latent, Bernoulli):
             cfg.check_latent("estimator", "categorical")  # raises, naming what to use instead
 
     def forward(self, logits, tau, f):
-        u = torch.rand_like(logits, dtype=torch.float32)
+        u = self.latent.uniform(logits.shape, logits.device)
         p = torch.sigmoid(logits.detach())
         b, b_anti = (u < p).float(), (1 - u < p).float()
         f_b, f_anti = f(b), f(b_anti)
@@ -534,15 +564,18 @@ class REBAR(Estimator):
     """
 
     def forward(self, logits, tau, f):
-        latent, lam, eta = self.latent, self.cfg.temperature, self.cfg.eta
+        latent = self.latent
+        lam = self.option("temperature", logits)
         perturbed = logits + latent.noise(logits)
         b = latent.harden(perturbed).detach()
         value = f(b)
+        eta = self.option("eta", value)
         relaxed = f(latent.relax(perturbed, lam))
         conditioned = f(latent.relax(latent.conditional_perturbed(logits, b), lam))
         surrogate = value + (value - eta * conditioned).detach() * latent.log_prob(b, logits)
         if logits.requires_grad:  # the control variate's pathwise terms, for the logits only
-            (pathwise,) = torch.autograd.grad(eta * (relaxed - conditioned).sum(), logits, retain_graph=True)
+            difference = (eta * (relaxed - conditioned)).sum()
+            (pathwise,) = torch.autograd.grad(difference, logits, retain_graph=True)
             surrogate = surrogate + latent.flatten(pathwise.detach() * logits).sum(-1)
         return surrogate, value.detach()
 
@@ -554,8 +587,10 @@ def estimator_help() -> str:
                      for name, cls in sorted(ESTIMATORS.items()))
 
 
-def build_estimator(cfg: EstimatorConfig, latent: Latent) -> Estimator:
-    """The estimator that `cfg` (its typed options) names, for `latent`."""
+def build_estimator(cfg: EstimatorConfig, latent: Latent,
+                    runs: list[EstimatorConfig] | None = None) -> Estimator:
+    """The estimator that `cfg` (its typed options) names, for `latent`; for packed runs, `runs`
+    holds each run's options."""
     if OmegaConf.is_config(cfg):  # a composed node, not yet turned into its dataclass
         cfg = OmegaConf.to_object(cfg)
-    return ESTIMATORS[cfg.name](latent, cfg)
+    return ESTIMATORS[cfg.name](latent, cfg, runs)

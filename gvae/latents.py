@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gvae.rng import CounterRNG
+
 
 def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator | None) -> torch.Tensor:
     """U(0,1) in float32 whatever the autocast dtype, kept away from 0 so no log ever sees 0.
@@ -21,16 +23,28 @@ def _uniform(shape: torch.Size, device: torch.device, generator: torch.Generator
 
 
 class Latent:
-    """N discrete variables; subclasses fix the distribution of each."""
+    """N discrete variables; subclasses fix the distribution of each.
 
+    Training noise comes from `rng` when the trainer sets one (a CounterRNG: the numbers depend on
+    the run's seed and step only), else from torch's global generator; evaluation passes its own
+    torch.Generator."""
+
+    rng: CounterRNG | None = None
     num_vars: int
     num_values: int  # values each variable takes: K classes, or 2 for a binary unit
     num_logits: int  # encoder outputs
     code_size: int  # decoder inputs
 
     def logits(self, flat: torch.Tensor) -> torch.Tensor:
-        """Encoder output (B, num_logits) to logits of the latent's own shape, in float32."""
+        """Encoder output (..., num_logits) to logits of the latent's own shape, in float32."""
         raise NotImplementedError
+
+    def uniform(self, shape: torch.Size, device: torch.device,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """U(0, 1) float32 noise, never 0: from `generator` if given, else the trainer's rng."""
+        if generator is None and self.rng is not None:
+            return self.rng.uniform(shape)
+        return _uniform(shape, device, generator)
 
     def noise(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Noise whose sum with the logits is an argmax (or sign) sample: Gumbel or logistic."""
@@ -89,8 +103,8 @@ class Latent:
         return self.harden(logits + self.noise(logits, generator))
 
     def flatten(self, z: torch.Tensor) -> torch.Tensor:
-        """Code to decoder input (B, code_size)."""
-        return z.reshape(z.shape[0], self.code_size)
+        """Code (..., *shape) to decoder input (..., code_size)."""
+        return z.reshape(*z.shape[: z.dim() - len(self.shape)], self.code_size)
 
 
 class Categorical(Latent):
@@ -102,10 +116,10 @@ class Categorical(Latent):
         self.shape = (num_vars, num_classes)
 
     def logits(self, flat):
-        return flat.float().view(-1, *self.shape)
+        return flat.float().view(*flat.shape[:-1], *self.shape)
 
     def noise(self, logits, generator=None):
-        u = _uniform(logits.shape, logits.device, generator)
+        u = self.uniform(logits.shape, logits.device, generator)
         return -torch.log(-torch.log(u))
 
     def relax(self, perturbed, tau):
@@ -125,7 +139,7 @@ class Categorical(Latent):
         # Top-down Gumbel sampling: the maximum is log Z plus a Gumbel, the others Gumbels truncated
         # below it. With E ~ Exp(1) per class and E_b that of the sampled class b:
         #   y_b = log Z - log E_b,   y_k = -log(E_k exp(-logits_k) + E_b / Z)  (k != b).
-        e = -torch.log(_uniform(z.shape, z.device, generator))
+        e = -torch.log(self.uniform(z.shape, z.device, generator))
         e_b = (z * e).sum(-1, keepdim=True)
         log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
         top = log_z - torch.log(e_b)
@@ -164,10 +178,10 @@ class Bernoulli(Latent):
         self.shape = (num_vars,)
 
     def logits(self, flat):
-        return flat.float().view(-1, self.num_vars)
+        return flat.float().view(*flat.shape[:-1], self.num_vars)
 
     def noise(self, logits, generator=None):
-        u = _uniform(logits.shape, logits.device, generator)
+        u = self.uniform(logits.shape, logits.device, generator)
         return torch.log(u) - torch.log1p(-u)
 
     def relax(self, perturbed, tau):
@@ -187,7 +201,7 @@ class Bernoulli(Latent):
     def conditional_perturbed(self, logits, z, generator=None):
         # z = 1 exactly when the uniform u of the logistic noise log(u / (1 - u)) exceeds 1 - p, so
         # given z, u = 1 - p + v p (z = 1) or u = v (1 - p) (z = 0), v ~ U(0, 1); logs kept stable.
-        v = _uniform(z.shape, z.device, generator).clamp(max=1 - torch.finfo(torch.float32).eps)
+        v = self.uniform(z.shape, z.device, generator).clamp(max=1 - torch.finfo(torch.float32).eps)
         log_u1 = torch.log(torch.sigmoid(-logits) + v * torch.sigmoid(logits))
         log_not_u1 = F.logsigmoid(logits) + torch.log1p(-v)
         log_u0 = torch.log(v) + F.logsigmoid(-logits)

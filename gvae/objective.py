@@ -35,8 +35,8 @@ class TrainStats:
     - `nelbo` = `recon` + `kl`: the negative ELBO at the training sample (for a relaxed estimator,
       at the relaxed sample, so not a bound).
 
-    Kept as one tensor so that accumulating a step's figures is one kernel, and a captured CUDA
-    graph has one output.
+    Kept as one tensor (the figures along its first dimension, packed runs along its second) so
+    that accumulating a step's figures is one kernel, and a captured CUDA graph has one output.
     """
 
     NAMES = ("surrogate", "nelbo", "recon", "kl")
@@ -49,8 +49,8 @@ class TrainStats:
         return cls(torch.stack([figures[name].detach().float() for name in cls.NAMES]))
 
     @classmethod
-    def zeros(cls, device: torch.device) -> TrainStats:
-        return cls(torch.zeros(len(cls.NAMES), device=device))
+    def zeros(cls, device: torch.device, runs: int | None = None) -> TrainStats:
+        return cls(torch.zeros((len(cls.NAMES),) if runs is None else (len(cls.NAMES), runs), device=device))
 
     def add_(self, other: TrainStats) -> TrainStats:
         self.values += other.values
@@ -59,8 +59,9 @@ class TrainStats:
     def clone(self) -> TrainStats:
         return TrainStats(self.values.clone())
 
-    def means(self, count: int) -> dict[str, float]:
-        """The figures divided by `count`, on the host: the one synchronisation."""
+    def means(self, count: int) -> dict[str, float | list[float]]:
+        """The figures divided by `count`, on the host (a list per figure for packed runs): the one
+        synchronisation."""
         return dict(zip(self.NAMES, (self.values / count).tolist(), strict=True))
 
     def __getattr__(self, name: str) -> torch.Tensor:
@@ -76,14 +77,16 @@ def training_loss(
 
     Negative ELBO = E_q[-log p(x|z)] + KL(q(z|x) || p(z)) (Kingma & Welling 2014). The KL is
     analytic, so only the reconstruction term goes through the estimator. With a relaxed
-    sample the reconstruction term is evaluated at the relaxation and is not a bound.
+    sample the reconstruction term is evaluated at the relaxation and is not a bound. Packed runs
+    (every tensor with a leading run dimension) each average over their own batch, and their losses
+    add: each run's parameters get its own gradient.
     """
     logits = model.encode(x)
     kl = model.latent.kl(logits, model.prior_logits)
     surrogate, recon = estimator(logits, tau, lambda z: recon_nll(model.decode(z), x))
-    loss = surrogate.mean() + kl.mean()
-    recon, kl = recon.mean(), kl.detach().mean()
-    return loss, TrainStats.of(surrogate=loss, nelbo=recon + kl, recon=recon, kl=kl)
+    per_run = surrogate.mean(-1) + kl.mean(-1)
+    recon, kl = recon.mean(-1), kl.detach().mean(-1)
+    return per_run.sum(), TrainStats.of(surrogate=per_run, nelbo=recon + kl, recon=recon, kl=kl)
 
 
 @torch.no_grad()

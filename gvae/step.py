@@ -26,6 +26,7 @@ from gvae.errors import ConfigError
 from gvae.estimators import Estimator
 from gvae.model import VAE
 from gvae.objective import TrainStats, training_loss
+from gvae.rng import CounterRNG
 
 CUDA_ONLY_MODES = (StepMode.graph, StepMode.compile_graph)
 StepFn = Callable[[torch.Tensor, torch.Tensor], TrainStats]
@@ -54,9 +55,11 @@ def optimizer_kwargs(optimizer_cls: type, mode: StepMode) -> dict:
 
 def make_train_step(
     model: VAE, estimator: Estimator, optimizer: torch.optim.Optimizer, splits: Splits,
-    precision: Precision, mode: StepMode, batch_size: int,
+    precision: Precision, mode: StepMode, batch_size: int, rng: CounterRNG,
+    example_images: torch.Tensor | None = None,
 ) -> StepFn:
-    """Return step(images_uint8, tau) -> TrainStats that updates the model once."""
+    """Return step(images_uint8, tau) -> TrainStats that updates the model once, drawing its noise
+    from `rng` (which the step advances)."""
     device_type = splits.train.device.type
     bf16 = Precision(precision) is Precision.bf16
 
@@ -70,20 +73,23 @@ def make_train_step(
         loss_and_stats = torch.compile(loss_and_stats)
 
     def train_step(images: torch.Tensor, tau: torch.Tensor) -> TrainStats:
+        rng.start_step()
         loss, stats = loss_and_stats(images, tau)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        rng.advance()
         return stats
 
     if mode in CUDA_ONLY_MODES:
-        return capture_step(train_step, [model, estimator], optimizer, splits.train[:batch_size])
+        example = splits.train[:batch_size] if example_images is None else example_images
+        return capture_step(train_step, [model, estimator], optimizer, example, rng)
     return train_step
 
 
 def capture_step(
     train_step: StepFn, modules: list[torch.nn.Module], optimizer: torch.optim.Optimizer,
-    example_images: torch.Tensor, warmup: int = 3,
+    example_images: torch.Tensor, rng: CounterRNG, warmup: int = 3,
 ) -> StepFn:
     """Capture `train_step` in a CUDA graph; the returned function copies its inputs in and replays.
 
@@ -91,11 +97,11 @@ def capture_step(
     state). They would train the model, so every tensor a step writes is put back afterwards:
     the first replay starts from exactly the state and random stream the caller handed in.
     """
-    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+    tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())] + [rng.step]
     saved = [t.detach().clone() for t in tensors]
     saved_state = {p: {k: v.clone() for k, v in st.items() if torch.is_tensor(v)}
                    for p, st in optimizer.state.items()}  # non-empty when resuming
-    rng = torch.cuda.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state()
     static_images = example_images.clone()
     static_tau = torch.ones((), device=example_images.device)
 
@@ -113,7 +119,7 @@ def capture_step(
             for k, v in state.items():
                 if torch.is_tensor(v):
                     v.copy_(saved_state[p][k]) if p in saved_state else v.zero_()
-    torch.cuda.set_rng_state(rng)
+    torch.cuda.set_rng_state(cuda_rng)
 
     graph = torch.cuda.CUDAGraph()
     optimizer.zero_grad(set_to_none=True)

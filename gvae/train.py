@@ -9,6 +9,7 @@ SIGINT save a checkpoint and stop; `train.resume=true` continues a run or a swee
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -48,6 +49,8 @@ from gvae.evaluation import eval_generator, evaluate, split_nelbo
 from gvae.files import write_json
 from gvae.model import VAE
 from gvae.objective import TrainStats
+from gvae.packing import PackedTraining, check_packable, pack_trainings
+from gvae.rng import CounterRNG
 from gvae.step import StepFn, make_train_step, optimizer_kwargs, resolve_mode
 from gvae.summaries import log_config_and_hparams, log_images, log_layout
 
@@ -60,7 +63,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Training:
-    """Everything the training loop needs, built from the config."""
+    """Everything the training loop needs for one run, built from the config."""
 
     device: torch.device
     splits: Splits
@@ -69,21 +72,34 @@ class Training:
     estimator: Estimator
     optimizer: torch.optim.Optimizer
     mode: str
-    step: StepFn
+    step: StepFn | None  # None when the run is built to be packed (gvae/packing.py)
     tau: torch.Tensor  # a device tensor, so a compiled step never recompiles when tau changes
 
+    def train_step(self) -> TrainStats:
+        return self.step(self.sampler.next(), self.tau)
 
-def build_training(cfg: Config | DictConfig, saved: dict | None = None) -> Training:
-    """Seed, load the data onto the device, build the model, estimator, optimizer and step, and
-    restore the checkpoint `saved` (before the step is made: a captured graph keeps its tensors'
-    addresses)."""
+    def set_tau(self, values: list[float]) -> None:
+        self.tau.fill_(values[0])
+
+    def lr(self, s: int) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def sync_to_runs(self) -> None:
+        """A single run trains its own modules: nothing to copy."""
+
+
+def build_training(cfg: Config | DictConfig, saved: dict | None = None, splits: Splits | None = None,
+                   make_step: bool = True) -> Training:
+    """Seed, load the data onto the device (or share `splits`), build the model, estimator,
+    optimizer and step, and restore the checkpoint `saved` (before the step is made: a captured
+    graph keeps its tensors' addresses). Without make_step, the run is built to be packed."""
     if isinstance(cfg, DictConfig):
         cfg = validate(cfg)
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
     torch.manual_seed(cfg.seed)
-    splits = load_splits(cfg.data, device)
+    splits = splits if splits is not None else load_splits(cfg.data, device)
     sampler = BatchSampler(splits.train, cfg.train.batch_size, seed=cfg.seed)
     model = VAE(cfg.model, cfg.data.image_shape).to(device)
     estimator = build_estimator(cfg.estimator, model.latent).to(device)
@@ -94,9 +110,14 @@ def build_training(cfg: Config | DictConfig, saved: dict | None = None) -> Train
     step = saved["step"] if saved else 0
     if saved:
         ckpt.restore(saved, model, estimator, optimizer, sampler, device)
-    train_step = make_train_step(model, estimator, optimizer, splits, cfg.train.precision, mode,
-                                 cfg.train.batch_size)
     tau = torch.tensor(cfg.schedule.temperature(step), device=device)
+    if not make_step:
+        return Training(device, splits, sampler, model, estimator, optimizer, mode.value, None, tau)
+    # Training noise is a function of the seed and the step alone (gvae/rng.py).
+    rng = CounterRNG(cfg.seed, device, step)
+    model.latent.rng = splits.rng = rng
+    train_step = make_train_step(model, estimator, optimizer, splits, cfg.train.precision, mode,
+                                 cfg.train.batch_size, rng)
     return Training(device, splits, sampler, model, estimator, optimizer, mode.value, train_step, tau)
 
 
@@ -164,91 +185,195 @@ def command_line_settings(cfg: DictConfig) -> dict[str, Any]:
 # training
 
 
-def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
-    """Train per `cfg`, writing TensorBoard events, checkpoints and metrics.json under out_dir."""
-    typed = validate(cfg)  # before anything is written
-    config = container(cfg)  # plain values for the checkpoint and the logs
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt_path = ckpt_dir / "last.pt"
-    saved = None
-    if typed.train.resume:
-        if ckpt_path.exists():
-            saved = ckpt.load_checkpoint(ckpt_path)
-            ckpt.check_compatible(ckpt_path, saved["config"], config)
-        if (done := finished_metrics(out_dir, typed.train.max_steps)) is not None:
-            log.info("%s already finished %d steps (train.resume=true): nothing to do", out_dir, done["step"])
-            return done
-        if saved is None:
-            log.info("train.resume=true but no checkpoint in %s: starting from step 0", ckpt_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run = build_training(typed, saved)
-    device, splits, sampler, model, estimator, optimizer = (
-        run.device, run.splits, run.sampler, run.model, run.estimator, run.optimizer)
-    schedule, evaluation, diag = typed.schedule, typed.eval, typed.diag
-    max_steps, log_every = typed.train.max_steps, typed.train.log_every
-    eval_every, ckpt_every = typed.train.eval_every, typed.train.ckpt_every
-    step, best_val = (saved["step"], saved["val_nelbo_best"]) if saved else (0, float("inf"))
-    # [step, validation nelbo] at each evaluation: the curve of the paper's Figure 4, kept in the
-    # checkpoint so that a resumed run reports all of it (older checkpoints have none).
-    val_curve: list[list[float]] = [list(p) for p in saved.get("val_curve", [])] if saved else []
-    if saved:
-        log.info("resumed from %s at step %d", ckpt_path, step)
-    # What a divergence corrupts: parameters, and estimator baselines (buffers).
-    watched = [*model.parameters(), *estimator.parameters(), *estimator.buffers()]
-    finite_at = step  # the last step at which the watched tensors were seen finite
-    ckpt_step = saved["step"] if saved else None  # the step of the last good checkpoint
+@dataclass
+class Run:
+    """One run's own record in the loop: where it writes and what it has seen."""
 
-    def non_finite(what: str) -> NonFiniteError:
-        kept = (f"the last good checkpoint, {ckpt_path} (step {ckpt_step}), is kept" if ckpt_step is not None
-                else "no checkpoint had been written")
+    cfg: Config
+    config: dict[str, Any]  # plain values, for the checkpoint and the logs
+    out_dir: Path
+    training: Training  # its separate modules (in a pack, copies of its slice)
+    saved: dict | None
+    writer: SummaryWriter | None = None
+    best_val: float = float("inf")
+    val_curve: list[list[float]] = dataclasses.field(default_factory=list)
+    last_val: float = float("nan")
+    ckpt_step: int | None = None  # the step of the last good checkpoint
+    finite_at: int = 0  # the last step at which its tensors were seen finite
+    tau_now: float = 1.0
+    failure: NonFiniteError | None = None
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out_dir / "checkpoints" / "last.pt"
+
+    def non_finite(self, what: str) -> NonFiniteError:
+        kept = (f"the last good checkpoint, {self.ckpt_path} (step {self.ckpt_step}), is kept"
+                if self.ckpt_step is not None else "no checkpoint had been written")
         return NonFiniteError(f"{what}; {kept}. Lower optim.lr or change the estimator's settings.")
 
+
+def resume_state(cfg: Config, config: dict[str, Any], out_dir: Path) -> tuple[dict | None, dict | None]:
+    """(the checkpoint to resume from, the metrics of a run already finished), per train.resume."""
+    path = out_dir / "checkpoints" / "last.pt"
+    if not cfg.train.resume:
+        return None, None
+    saved = None
+    if path.exists():
+        saved = ckpt.load_checkpoint(path)
+        ckpt.check_compatible(path, saved["config"], config)
+    if (done := finished_metrics(out_dir, cfg.train.max_steps)) is not None:
+        log.info("%s already finished %d steps (train.resume=true): nothing to do", out_dir, done["step"])
+        return saved, done
+    if saved is None:
+        log.info("train.resume=true but no checkpoint in %s: starting from step 0", path.parent)
+    return saved, None
+
+
+def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    """Train per `cfg`, writing TensorBoard events, checkpoints and metrics.json under out_dir."""
+    (result,) = train_runs([cfg], [out_dir])
+    if isinstance(result, GvaeError):
+        raise result
+    return result
+
+
+def train_runs(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str, Any] | NonFiniteError]:
+    """Train runs that can share a pack (gvae/packing.py) together, one alone, each writing what a
+    separate run writes in its own folder. Returns each run's metrics, or the NonFiniteError of a
+    run that diverged (its pack-mates go on). An interrupt checkpoints every run and raises."""
+    typed = [validate(c) for c in cfgs]  # before anything is written
+    if len(typed) > 1:
+        check_packable(typed)
+    configs = [container(c) for c in cfgs]
+    states = [resume_state(t, c, d) for t, c, d in zip(typed, configs, out_dirs, strict=True)]
+    results: list[dict | NonFiniteError | None] = [done for _, done in states]
+    todo = [i for i, done in enumerate(results) if done is None]
+    if not todo:
+        return results
+    steps = [states[i][0]["step"] if states[i][0] else 0 for i in todo]
+    if len(set(steps)) > 1:
+        raise ValueError(f"runs at steps {sorted(set(steps))} cannot train in one pack")
+    for i in todo:
+        out_dirs[i].mkdir(parents=True, exist_ok=True)
+    splits = None
+    runs = []
+    for i in todo:
+        training = build_training(typed[i], states[i][0], splits=splits, make_step=len(todo) == 1)
+        splits = training.splits
+        runs.append(Run(typed[i], configs[i], out_dirs[i], training, states[i][0]))
+    engine = runs[0].training if len(runs) == 1 else pack_trainings([r.cfg for r in runs],
+                                                                     [r.training for r in runs], steps)
+    metrics = _loop(engine, runs, steps[0])
+    for i, result in zip(todo, metrics, strict=True):
+        results[i] = result
+    return results
+
+
+def _loop(engine: Training | PackedTraining, runs: list[Run], step: int) -> list[dict | NonFiniteError]:
+    """The training loop over one run, or a pack of runs stepping together."""
+    first = runs[0].cfg
+    device, splits = engine.device, engine.splits
+    evaluation, diag = first.eval, first.diag
+    max_steps, log_every = first.train.max_steps, first.train.log_every
+    eval_every, ckpt_every = first.train.eval_every, first.train.ckpt_every
+    packed = len(runs) > 1
+    for run in runs:
+        if run.saved:
+            run.best_val, run.ckpt_step = run.saved["val_nelbo_best"], run.saved["step"]
+            # [step, validation nelbo] at each evaluation: the curve of the paper's Figure 4, kept in
+            # the checkpoint so that a resumed run reports all of it (older checkpoints have none).
+            run.val_curve = [list(p) for p in run.saved.get("val_curve", [])]
+            log.info("resumed from %s at step %d", run.ckpt_path, step)
+        run.finite_at = step
+        run.tau_now = run.cfg.schedule.temperature(step)
+        # Resuming: the same folder, where the events logged after the checkpoint (before a crash)
+        # are hidden, since this run logs those steps again.
+        run.writer = SummaryWriter(str(run.out_dir), purge_step=step + 1 if run.saved else None)
+        log_layout(run.writer)
+    # What a divergence corrupts: parameters, and estimator baselines (buffers).
+    watched = [*engine.model.parameters(), *engine.estimator.parameters(), *engine.estimator.buffers()]
+    if packed:  # per run: the tensors with a run dimension
+        watched = [t for t in watched if t.dim() > 0 and t.shape[0] == len(runs)]
+    tau_changes_at = min(run.cfg.schedule.next_change(step) for run in runs)
+    active = lambda: [run for run in runs if run.failure is None]  # noqa: E731
+
     def check_finite() -> None:
-        """One host read of the figures accumulated since the last log and of the watched tensors."""
-        nonlocal finite_at
-        if not all_finite(running.values, *watched):
-            raise non_finite(f"non-finite loss or parameters between steps {finite_at} and {step}")
-        finite_at = step
+        """One host read: which runs' figures since the last log and tensors are still finite.
+        A single run raises; a packed run that diverged is stopped and recorded, its mates go on."""
+        if packed:
+            ok = torch.stack([running.values.isfinite().all(0)]
+                             + [t.reshape(len(runs), -1).isfinite().all(1) for t in watched]).all(0).tolist()
+        else:
+            ok = [all_finite(running.values, *watched)]
+        for run, fine in zip(runs, ok, strict=True):
+            if run.failure is None and not fine:
+                run.failure = run.non_finite(f"non-finite loss or parameters between steps {run.finite_at} "
+                                             f"and {step}")
+                if not packed:
+                    raise run.failure
+                log.error("%s: %s", run.out_dir, run.failure)
+                write_json(run.out_dir / "failed.json", {"status": "failed",
+                                                          "error": f"NonFiniteError: {run.failure}"})
+            elif fine:
+                run.finite_at = step
 
     def checkpoint() -> None:
-        nonlocal ckpt_step
         check_finite()  # never replace a good checkpoint with a diverged run
-        ckpt_dir.mkdir(exist_ok=True)
-        ckpt.save_checkpoint(ckpt_path, ckpt.state(model, estimator, optimizer, sampler, device, step,
-                                                   best_val, val_curve, config))
-        ckpt_step = step
+        engine.sync_to_runs()
+        for run in active():
+            t = run.training
+            run.ckpt_path.parent.mkdir(exist_ok=True)
+            state = ckpt.state(t.model, t.estimator, t.optimizer, t.sampler, device, step, run.best_val,
+                               run.val_curve, run.config)
+            ckpt.save_checkpoint(run.ckpt_path, state)
+            run.ckpt_step = step
 
-    def evaluate_val() -> float:
-        val = split_nelbo(model, splits, "val", evaluation)
-        if evaluation.images:
-            model.eval()
-            log_images(writer, model, splits.eval_targets(splits.val[:32]), step, eval_generator(device))
-            model.train()
-        return val
+    def evaluate_val() -> None:
+        engine.sync_to_runs()
+        for run in active():
+            model = run.training.model
+            run.last_val = split_nelbo(model, splits, "val", evaluation)
+            if not math.isfinite(run.last_val):
+                run.failure = run.non_finite(f"the validation nelbo is {run.last_val} at step {step}")
+                if not packed:
+                    raise run.failure
+                write_json(run.out_dir / "failed.json", {"status": "failed",
+                                                          "error": f"NonFiniteError: {run.failure}"})
+                continue
+            if evaluation.images:
+                model.eval()
+                images = splits.eval_targets(splits.val[:32])
+                log_images(run.writer, model, images, step, eval_generator(device))
+                model.train()
+            run.best_val = min(run.best_val, run.last_val)
+            run.val_curve.append([step, run.last_val])
+            run.writer.add_scalar("val/nelbo", run.last_val, step)
+            run.writer.flush()
+            prefix = f"{run.out_dir.name}: " if packed else ""
+            log.info("%sstep %d  val nelbo %.3f", prefix, step, run.last_val)
 
-    tau = run.tau
-    tau_now, tau_changes_at = schedule.temperature(step), schedule.next_change(step)
-    # Resuming: the same folder, where the events logged after the checkpoint (before a crash) are
-    # hidden, since this run logs those steps again.
-    writer = SummaryWriter(str(out_dir), purge_step=step + 1 if saved else None)
-    log_layout(writer)
-    log.info("device %s, step mode %s, %d parameters, output %s",
-             device, run.mode, sum(p.numel() for p in model.parameters()), out_dir)
-    running = TrainStats.zeros(device)  # sums of the step's figures since the last log
+    log.info("device %s, step mode %s, %d parameters, %s", device, engine.mode,
+             sum(p.numel() for p in runs[0].training.model.parameters()),
+             f"{len(runs)} runs packed, outputs {', '.join(str(r.out_dir) for r in runs)}" if packed
+             else f"output {runs[0].out_dir}")
+    running = TrainStats.zeros(device, len(runs) if packed else None)  # sums since the last log
     # The training -ELBO averaged over the last epoch (the ReinMax benchmark's metric).
-    last_epoch = TrainStats.zeros(device)
-    last_epoch_from = max_steps - sampler.batches_per_epoch
-    since_log, last_val = 0, float("nan")
+    last_epoch = TrainStats.zeros(device, len(runs) if packed else None)
+    last_epoch_from = max_steps - runs[0].training.sampler.batches_per_epoch
+    first_step, since_log = step, 0
     train_seconds, steps_this_run = 0.0, 0
     t_start = t_log = time.perf_counter()
     bar = tqdm(total=max_steps, initial=step, disable=None, dynamic_ncols=True, unit="step")
     try:
         with logging_redirect_tqdm(), deferred_signals() as received:
             while step < max_steps:
-                if step >= tau_changes_at:  # the schedule moves only every few steps
-                    tau_now, tau_changes_at = schedule.temperature(step), schedule.next_change(step)
-                    tau.fill_(tau_now)  # a device write, no sync
-                stats = run.step(sampler.next(), tau)
+                if step >= tau_changes_at:  # the schedules move only every few steps
+                    for run in runs:
+                        run.tau_now = run.cfg.schedule.temperature(step)
+                    engine.set_tau([run.tau_now for run in runs])  # a device write, no sync
+                    tau_changes_at = min(run.cfg.schedule.next_change(step) for run in runs)
+                stats = engine.train_step()
                 running.add_(stats)
                 if step >= last_epoch_from:
                     last_epoch.add_(stats)
@@ -261,36 +386,40 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                     train_seconds += now - t_log
                     steps_this_run += since_log
                     check_finite()
-                    lr = optimizer.param_groups[0]["lr"]
-                    # train/loss is the negative ELBO at the training sample (its name since the
-                    # start); train/surrogate the loss the optimizer minimises.
-                    scalars = {"train/loss": means["nelbo"], "train/surrogate": means["surrogate"],
-                               "train/recon": means["recon"], "train/kl": means["kl"], "train/tau": tau_now,
-                               "train/lr": lr, "perf/steps_per_sec": since_log / (now - t_log)}
-                    for tag, value in scalars.items():
-                        writer.add_scalar(tag, value, step)
-                    bar.set_postfix(loss=f"{means['nelbo']:.2f}", tau=f"{tau_now:.3f}", val=f"{last_val:.2f}")
+                    per_run = {k: v if packed else [v] for k, v in means.items()}
+                    for s, run in enumerate(runs):
+                        if run.failure is not None:
+                            continue
+                        # train/loss is the negative ELBO at the training sample (its name since the
+                        # start); train/surrogate the loss the optimizer minimises.
+                        scalars = {"train/loss": per_run["nelbo"][s],
+                                   "train/surrogate": per_run["surrogate"][s],
+                                   "train/recon": per_run["recon"][s], "train/kl": per_run["kl"][s],
+                                   "train/tau": run.tau_now, "train/lr": engine.lr(s),
+                                   "perf/steps_per_sec": since_log / (now - t_log)}
+                        for tag, value in scalars.items():
+                            run.writer.add_scalar(tag, value, step)
+                    if not active():
+                        break
+                    bar.set_postfix(loss=f"{per_run['nelbo'][0]:.2f}", tau=f"{runs[0].tau_now:.3f}",
+                                    val=f"{runs[0].last_val:.2f}")
                     bar.update(since_log)
                     running.values.zero_()
                     since_log = 0
                     t_log = time.perf_counter()
 
                 if step % eval_every == 0 or step == max_steps:
-                    last_val = evaluate_val()
-                    if not math.isfinite(last_val):
-                        raise non_finite(f"the validation nelbo is {last_val} at step {step}")
-                    best_val = min(best_val, last_val)
-                    val_curve.append([step, last_val])
-                    writer.add_scalar("val/nelbo", last_val, step)
-                    writer.flush()
-                    log.info("step %d  val nelbo %.3f", step, last_val)
+                    evaluate_val()
                     t_log = time.perf_counter()
 
                 if diag.every and step % diag.every == 0:
+                    engine.sync_to_runs()
                     batch = splits.eval_targets(splits.val[: diag.batch])
-                    figures = diagnose(model, estimator, batch, tau, diag)
-                    for name, value in figures.items():
-                        writer.add_scalar(f"grad/{name}", value, step)
+                    for run in active():
+                        tau = run.tau_now if packed else engine.tau
+                        for name, value in diagnose(run.training.model, run.training.estimator, batch, tau,
+                                                    diag).items():
+                            run.writer.add_scalar(f"grad/{name}", value, step)
                     t_log = time.perf_counter()
 
                 if step % ckpt_every == 0 or step == max_steps or received:
@@ -298,39 +427,63 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
                     t_log = time.perf_counter()
                 if received:
                     name = signal.Signals(received[0]).name
-                    log.warning("%s: stopped at step %d, checkpoint %s", name, step, ckpt_path)
-                    raise Interrupted(f"{name} at step {step}: saved {ckpt_path}; run the same command "
-                                      "with train.resume=true to continue", received[0])
+                    log.warning("%s: stopped at step %d, checkpoints %s", name, step,
+                                ", ".join(str(r.ckpt_path) for r in active()))
+                    saved = "each run's checkpoint" if packed else str(runs[0].ckpt_path)
+                    raise Interrupted(f"{name} at step {step}: saved {saved}; run the same command with "
+                                      "train.resume=true to continue", received[0])
 
-        if not val_curve or val_curve[-1][0] != step:  # resumed from a checkpoint taken at the end
-            val_curve.append([step, split_nelbo(model, splits, "val", evaluation)])
-        last_val = val_curve[-1][1]
-        test = evaluate(model, splits, evaluation, ("test",), bound=True, progress=True)
-        test_nelbo, test_bound = test["test_nelbo"], test["test_bound"]
-        writer.add_scalar("test/nelbo", test_nelbo, step)
-        writer.add_scalar("test/bound", test_bound, step)
-        metrics = {
-            "status": "complete", "step": step, "val_nelbo": last_val, "val_nelbo_best": best_val,
-            "test_nelbo": test_nelbo, "test_bound": test_bound, "num_samples": evaluation.num_samples,
-            "steps_per_sec": steps_this_run / train_seconds if train_seconds else float("nan"),
-            "wall_seconds": time.perf_counter() - t_start, "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "step_mode": run.mode, "val_curve": val_curve,
-        }
-        if saved is None or saved["step"] <= last_epoch_from:  # not when a resume split the last epoch
-            epoch_steps = min(max_steps, sampler.batches_per_epoch)
-            metrics["train_nelbo_last_epoch"] = last_epoch.means(epoch_steps)["nelbo"]
-        log_config_and_hparams(writer, cfg, {
-            "val_nelbo": last_val, "val_nelbo_best": best_val, "test_nelbo": test_nelbo,
-            "test_bound": test_bound}, command_line_settings(cfg))
-        write_json(out_dir / "metrics.json", metrics)
-        log.info("done in %.0f s: val -ELBO %.2f (best %.2f), test -ELBO %.2f, test bound (m=%d) %.2f; "
-                 "run folder %s; to inspect: tensorboard --logdir %s", metrics["wall_seconds"], last_val,
-                 best_val, test_nelbo, evaluation.num_samples, test_bound, out_dir, tensorboard_dir(out_dir))
-        return metrics
+        results: list[dict | NonFiniteError] = []
+        engine.sync_to_runs()
+        epoch_steps = min(max_steps, runs[0].training.sampler.batches_per_epoch)
+        epoch_means = last_epoch.means(epoch_steps)["nelbo"]
+        epoch_means = epoch_means if packed else [epoch_means]
+        for s, run in enumerate(runs):
+            if run.failure is not None:
+                results.append(run.failure)
+                continue
+            results.append(_finish(run, splits, device, step, engine.mode,
+                                   steps_this_run / train_seconds if train_seconds else float("nan"),
+                                   time.perf_counter() - t_start,
+                                   epoch_means[s] if first_step <= last_epoch_from else None))
+        return results
     finally:
         bar.close()
-        writer.close()
+        for run in runs:
+            if run.writer is not None:
+                run.writer.close()
+
+
+def _finish(run: Run, splits: Splits, device: torch.device, step: int, mode: str, steps_per_sec: float,
+            wall_seconds: float, train_nelbo_last_epoch: float | None) -> dict[str, Any]:
+    """A run's final evaluation, metrics.json, hparams record and summary line."""
+    model, evaluation = run.training.model, run.cfg.eval
+    if not run.val_curve or run.val_curve[-1][0] != step:  # resumed from a checkpoint taken at the end
+        run.val_curve.append([step, split_nelbo(model, splits, "val", evaluation)])
+    last_val = run.val_curve[-1][1]
+    test = evaluate(model, splits, evaluation, ("test",), bound=True, progress=True)
+    test_nelbo, test_bound = test["test_nelbo"], test["test_bound"]
+    run.writer.add_scalar("test/nelbo", test_nelbo, step)
+    run.writer.add_scalar("test/bound", test_bound, step)
+    metrics = {
+        "status": "complete", "step": step, "val_nelbo": last_val, "val_nelbo_best": run.best_val,
+        "test_nelbo": test_nelbo, "test_bound": test_bound, "num_samples": evaluation.num_samples,
+        "steps_per_sec": steps_per_sec, "wall_seconds": wall_seconds, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "step_mode": mode, "val_curve": run.val_curve,
+    }
+    if train_nelbo_last_epoch is not None:  # not when a resume split the last epoch
+        metrics["train_nelbo_last_epoch"] = train_nelbo_last_epoch
+    cfg = OmegaConf.create(run.config)
+    log_config_and_hparams(run.writer, cfg, {
+        "val_nelbo": last_val, "val_nelbo_best": run.best_val, "test_nelbo": test_nelbo,
+        "test_bound": test_bound}, command_line_settings(cfg))
+    write_json(run.out_dir / "metrics.json", metrics)
+    log.info("done in %.0f s: val -ELBO %.2f (best %.2f), test -ELBO %.2f, test bound (m=%d) %.2f; "
+             "run folder %s; to inspect: tensorboard --logdir %s", metrics["wall_seconds"], last_val,
+             run.best_val, test_nelbo, evaluation.num_samples, test_bound, run.out_dir,
+             tensorboard_dir(run.out_dir))
+    return metrics
 
 
 # -----------------------------------------------------------------------------
