@@ -121,17 +121,18 @@ class PackedVAE(nn.Module):
 
 
 class PackedOptimizer:
-    """The runs' optimizer over stacked parameters: torch's own (fused) kernel at the first run's
-    hyperparameters. When the runs' learning rates differ, each run's change in a step is rescaled
-    by lr_s / lr_0: SGD's and Adam's updates are the learning rate times a direction that does not
-    depend on it, so this is run s's own update (up to rounding), and the optimizer's state (momenta)
-    is exactly run s's."""
+    """The runs' optimizer over stacked parameters: torch's own (fused) kernel, at the runs' shared
+    hyperparameters and the smallest of their learning rates, lr_0. When the learning rates differ,
+    each run's change in a step is rescaled by lr_s / lr_0 (>= 1): SGD's and Adam's updates are the
+    learning rate times a direction that does not depend on it, so this is run s's own update (up
+    to rounding; exactly, for the runs at lr_0), and the optimizer's state (momenta) is exactly run
+    s's. A diverging run's huge step stays in its own slice."""
 
     def __init__(self, optimizer_cls: type, params: list[nn.Parameter], cfgs: list[Any], kwargs: dict):
-        hyper = {k: v for k, v in dataclasses.asdict(cfgs[0]).items() if not k.startswith("_")}
-        self.inner = optimizer_cls(params, **hyper, **kwargs)
         self.lrs = [c.lr for c in cfgs]
-        self.ratios = None if len(set(self.lrs)) == 1 else torch.tensor(self.lrs) / self.lrs[0]
+        hyper = {k: v for k, v in dataclasses.asdict(cfgs[0]).items() if not k.startswith("_")}
+        self.inner = optimizer_cls(params, **{**hyper, "lr": min(self.lrs)}, **kwargs)
+        self.ratios = None if len(set(self.lrs)) == 1 else torch.tensor(self.lrs) / min(self.lrs)
         self._ratios: dict[int, torch.Tensor] = {}
         self._before: list[torch.Tensor] = []
 

@@ -157,10 +157,9 @@ def deferred_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT))
 
 
 def tensorboard_dir(out_dir: Path) -> Path:
-    """The folder to point TensorBoard at: a sweep's, so its jobs sit side by side, or the run's."""
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return out_dir.parent
-    return out_dir
+    """The folder to point TensorBoard at: a sweep's (it holds multirun.yaml), so its jobs sit side
+    by side, or the run's."""
+    return out_dir.parent if (out_dir.parent / "multirun.yaml").is_file() else out_dir
 
 
 def command_line_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -202,6 +201,7 @@ class Run:
     finite_at: int = 0  # the last step at which its tensors were seen finite
     tau_now: float = 1.0
     failure: NonFiniteError | None = None
+    settings: dict[str, Any] | None = None  # for the hparams record; None: Hydra's command line
 
     @property
     def ckpt_path(self) -> Path:
@@ -238,10 +238,12 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return result
 
 
-def train_runs(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str, Any] | NonFiniteError]:
+def train_runs(cfgs: list[DictConfig], out_dirs: list[Path],
+               settings: list[dict[str, Any]] | None = None) -> list[dict[str, Any] | NonFiniteError]:
     """Train runs that can share a pack (gvae/packing.py) together, one alone, each writing what a
     separate run writes in its own folder. Returns each run's metrics, or the NonFiniteError of a
-    run that diverged (its pack-mates go on). An interrupt checkpoints every run and raises."""
+    run that diverged (its pack-mates go on). An interrupt checkpoints every run and raises.
+    `settings`: what each run's command line set, for its hparams record (default: Hydra's)."""
     typed = [validate(c) for c in cfgs]  # before anything is written
     if len(typed) > 1:
         check_packable(typed)
@@ -261,7 +263,8 @@ def train_runs(cfgs: list[DictConfig], out_dirs: list[Path]) -> list[dict[str, A
     for i in todo:
         training = build_training(typed[i], states[i][0], splits=splits, make_step=len(todo) == 1)
         splits = training.splits
-        runs.append(Run(typed[i], configs[i], out_dirs[i], training, states[i][0]))
+        runs.append(Run(typed[i], configs[i], out_dirs[i], training, states[i][0],
+                        settings=settings[i] if settings is not None else None))
     engine = runs[0].training if len(runs) == 1 else pack_trainings([r.cfg for r in runs],
                                                                      [r.training for r in runs], steps)
     metrics = _loop(engine, runs, steps[0])
@@ -475,9 +478,10 @@ def _finish(run: Run, splits: Splits, device: torch.device, step: int, mode: str
     if train_nelbo_last_epoch is not None:  # not when a resume split the last epoch
         metrics["train_nelbo_last_epoch"] = train_nelbo_last_epoch
     cfg = OmegaConf.create(run.config)
+    settings = run.settings if run.settings is not None else command_line_settings(cfg)
     log_config_and_hparams(run.writer, cfg, {
         "val_nelbo": last_val, "val_nelbo_best": run.best_val, "test_nelbo": test_nelbo,
-        "test_bound": test_bound}, command_line_settings(cfg))
+        "test_bound": test_bound}, settings)
     write_json(run.out_dir / "metrics.json", metrics)
     log.info("done in %.0f s: val -ELBO %.2f (best %.2f), test -ELBO %.2f, test bound (m=%d) %.2f; "
              "run folder %s; to inspect: tensorboard --logdir %s", metrics["wall_seconds"], last_val,
@@ -495,9 +499,11 @@ def register_plugins() -> None:
     hydra_plugins namespace, which an editable install does not let it list: register them here."""
     from hydra.core.plugins import Plugins
 
+    from hydra_plugins.gvae_plugins.packed_launcher import PackedLauncher
     from hydra_plugins.gvae_plugins.rows_sweeper import RowsSweeper
 
     Plugins.instance().register(RowsSweeper)
+    Plugins.instance().register(PackedLauncher)
 
 
 import_extensions()

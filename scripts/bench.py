@@ -103,8 +103,8 @@ def time_bookkeeping(cfg, steps: int, repeats: int = 3) -> dict:
 
     build = loop.build_training
 
-    def build_with_null_step(cfg, state=None):
-        run = build(cfg, state)
+    def build_with_null_step(cfg, state=None, **kwargs):
+        run = build(cfg, state, **kwargs)
         stats = run.step(run.sampler.next(), run.tau)  # one real step: what a step returns
         return dataclasses.replace(run, step=lambda images, tau: stats)
 

@@ -65,8 +65,8 @@ def study(run_dir: Path, names: list[str], draws: int, batch: int, taus: list[fl
             estimator = build(name, model.latent, follow_tau=True)
             draws_t = estimator_draws(model, estimator, x, t, draws)
             sweep[name][str(t)] = summarize(draws_t, reference, reference_se)
-    model_text = (f"{cfg.model.num_vars}x{cfg.model.num_classes} categorical" if latent_type == "categorical"
-                  else f"{cfg.model.num_vars} binary units")
+    model_text = (f"{cfg.model.num_classes} classes x {cfg.model.num_vars} variables (categorical)"
+                  if latent_type == "categorical" else f"{cfg.model.num_vars} binary units")
     return {"run": str(run_dir), "step": step, "model": model_text,
             "estimator_trained_with": cfg.estimator.name, "temperature": tau, "reference": kind,
             "draws": draws, "batch": batch, "seed": seed,
@@ -87,7 +87,10 @@ def markdown(record: dict) -> str:
         f"{record['temperature']:.3g}, against the {ref} gradient. bias: |mean - reference| / |reference|; "
         "noise: what that ratio would be for an unbiased estimator, from the draws' and the reference's "
         "own noise; variance: trace of one draw's covariance per image; cosine of the mean with the "
-        "reference; snr: |mean| / sqrt(variance). A bias well above its noise is a real bias.",
+        "reference; snr: |mean| / sqrt(variance). A bias well above its noise is a real bias. The "
+        "score-function estimators (score_function, darn, muprop) deliver their gradient times their "
+        "variance normalization's scale (here a fresh estimator's, from the draws' own spread): most "
+        "of their 'bias' is that scale, and their cosine shows their direction.",
         "",
         "| estimator | bias | noise | variance | cosine | snr |",
         "|---|---|---|---|---|---|",

@@ -35,8 +35,8 @@ def with_step_hook(monkeypatch: pytest.MonkeyPatch, hook) -> None:
     """Make train() call hook(call_number, run) after each training step."""
     build = gvae.train.build_training
 
-    def build_with_hook(cfg, state=None):
-        run = build(cfg, state)
+    def build_with_hook(cfg, state=None, **kwargs):
+        run = build(cfg, state, **kwargs)
         calls = 0
 
         def step(images, tau):

@@ -1,0 +1,131 @@
+"""gvae/packing.py and the packed launcher: packed runs train exactly like separate ones, write
+what separate runs write, resume alone, and fail alone."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from gvae.checkpoint import load_checkpoint
+from gvae.config import validate
+from gvae.errors import NonFiniteError
+from gvae.packing import check_packable, pack_key
+from gvae.train import train_runs
+from tests.conftest import SYNTHETIC, compose_config, gvae_train
+
+# Three runs that differ in all a pack allows: seed, learning rate, temperature schedule; the
+# first runs at the smallest learning rate, the pack's own.
+RUNS = [["seed=0", "optim.lr=1e-3"],
+        ["seed=1", "optim.lr=3e-3", "schedule.rate=0.01", "schedule.every=5"],
+        ["seed=2", "optim.lr=2e-3"]]
+SHORT = [*SYNTHETIC, "train.max_steps=30", "train.eval_every=15", "train.ckpt_every=30", "eval.images=false"]
+
+
+def compare(packed_dir: Path, single_dir: Path, exact: bool) -> None:
+    """The packed run's final parameters, estimator state and metrics against the separate run's."""
+    packed, single = load_checkpoint(packed_dir / "checkpoints" / "last.pt"), load_checkpoint(
+        single_dir / "checkpoints" / "last.pt")
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (packed_dir, single_dir))
+    for part in ("model", "estimator"):
+        for key, value in single[part].items():
+            if exact:
+                assert torch.equal(packed[part][key], value), (part, key)
+            else:  # the rescaled step of a run off the pack's learning rate: rounding only
+                torch.testing.assert_close(packed[part][key].float(), value.float(), rtol=1e-4, atol=1e-5)
+    for key in ("val_nelbo", "val_nelbo_best", "test_nelbo", "test_bound"):
+        assert a[key] == b[key] if exact else a[key] == pytest.approx(b[key], abs=1e-3), key
+    assert [p[0] for p in a["val_curve"]] == [p[0] for p in b["val_curve"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("estimator", ["gumbel_softmax", "score_function"])
+def test_packed_runs_train_like_separate_runs(estimator, tmp_path):
+    """A gradient-free-baseline estimator and a score-function one (moving baselines, with a decay
+    of its own in each run). The run at the pack's learning rate matches its separate run exactly;
+    the others to rounding (rtol 1e-4, atol 1e-5 on parameters, 1e-3 nats on figures): their step
+    is the pack's rescaled by lr_s / lr_0, which rounds differently from lr_s times the direction."""
+    options = (["estimator.decay=0.8"], ["estimator.decay=0.6"], ["estimator.decay=0.9"])
+    runs = [[*SHORT, f"estimator={estimator}", *run, *(options[i] if estimator == "score_function" else [])]
+            for i, run in enumerate(RUNS)]
+    packed = train_runs([compose_config(r) for r in runs], [tmp_path / f"packed{i}" for i in range(3)])
+    for i, run in enumerate(runs):
+        (single,) = train_runs([compose_config(run)], [tmp_path / f"single{i}"])
+        assert packed[i]["status"] == single["status"] == "complete"
+        compare(tmp_path / f"packed{i}", tmp_path / f"single{i}", exact=i == 0)
+
+
+def test_what_may_differ_in_a_pack_and_what_may_not():
+    base = validate(compose_config([*SHORT, "estimator=score_function"]))
+    same = [validate(compose_config([*SHORT, "estimator=score_function", *run, "estimator.decay=0.5"]))
+            for run in RUNS]
+    assert {pack_key(c) for c in [base, *same]} == {pack_key(base)}
+    for other in (["model.hidden=[16]"], ["train.max_steps=31"], ["optim=sgd"], ["estimator=muprop"],
+                  ["data.split_seed=1"], ["optim.betas=[0.5,0.9]"]):
+        cfg = validate(compose_config([*SHORT, "estimator=score_function", *other]))
+        assert pack_key(cfg) != pack_key(base), other
+        with pytest.raises(ValueError, match="cannot share a pack"):
+            check_packable([base, cfg])
+    with pytest.raises(ValueError, match="model.net=mlp"):
+        check_packable([validate(compose_config([*SHORT, "model.net=conv"]))] * 2)
+
+
+@pytest.mark.slow
+def test_a_diverging_run_fails_alone(tmp_path):
+    runs = [[*SHORT, "seed=0", "optim.lr=1e-3"], [*SHORT, "seed=1", "optim.lr=1e30"], [*SHORT, "seed=2"]]
+    results = train_runs([compose_config(r) for r in runs], [tmp_path / str(i) for i in range(3)])
+    assert isinstance(results[1], NonFiniteError)
+    assert json.loads((tmp_path / "1" / "failed.json").read_text())["error"].startswith("NonFiniteError")
+    assert not (tmp_path / "1" / "metrics.json").exists()
+    for i in (0, 2):
+        assert results[i]["status"] == "complete" and not (tmp_path / str(i) / "failed.json").exists()
+
+
+SWEEP = ["-m", "hydra/launcher=packed", *SHORT, "seed=0,1", "optim.lr=1e-3,3e-3"]
+
+
+@pytest.mark.slow
+def test_the_packed_launcher_writes_each_jobs_folder_and_packs_compatible_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = gvae_train([*SWEEP, "model.hidden=[32],[16]", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "Launching 8 jobs in packs of at most 64" in result.stdout
+    assert result.stdout.count("runs packed") == 2  # one pack per network size
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        assert {".hydra", "checkpoints", "metrics.json", "train.log"} <= {p.name for p in job.iterdir()}
+        assert list(job.glob("events.out.tfevents.*"))
+        assert json.loads((job / "metrics.json").read_text())["status"] == "complete"
+        assert (job / ".hydra" / "overrides.yaml").read_text().count("model.hidden") == 1
+
+
+@pytest.mark.slow
+def test_a_killed_packed_sweep_resumes_packed_or_alone_to_the_same_numbers(tmp_path):
+    straight = tmp_path / "straight"
+    result = gvae_train([*SWEEP, "train.max_steps=300", f"hydra.sweep.dir={straight}"], tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:]
+    sweep = tmp_path / "sweep"
+    args = [*SWEEP, "train.max_steps=300", "train.ckpt_every=100000", f"hydra.sweep.dir={sweep}"]
+    proc = gvae_train(args, tmp_path, wait=False)
+    log, deadline = sweep / "0" / "train.log", time.monotonic() + 200
+    while not (log.is_file() and "val nelbo" in log.read_text()):  # the pack is training
+        assert proc.poll() is None, proc.communicate()[0][-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    steps = {load_checkpoint(sweep / str(i) / "checkpoints" / "last.pt")["step"] for i in range(4)}
+    assert len(steps) == 1 and 0 < steps.pop() < 300  # every run saved, at the same step
+    # Job 0 (seed 0, lr 1e-3, the pack's learning rate) resumed alone, by a plain gvae-train, then
+    # the three others resumed packed: all end exactly where the uninterrupted sweep ended.
+    job = sweep / "0"
+    alone = [line[2:] for line in (job / ".hydra" / "overrides.yaml").read_text().splitlines()
+             if line.startswith("- ")]
+    assert gvae_train([*alone, "train.resume=true", f"hydra.run.dir={job}"], tmp_path).returncode == 0
+    assert gvae_train([*args, "train.resume=true"], tmp_path).returncode == 0
+    for i in range(4):
+        compare(sweep / str(i), straight / str(i), exact=True)
