@@ -64,9 +64,10 @@ def check_packable(cfgs: list[Config]) -> None:
 
 
 class PackedVAE(nn.Module):
-    """S VAEs with MLP networks as one: each Linear's weights stacked (S, out, in), applied with
-    batched products to inputs of shape (S, B, in). Its parameters come in the order of one VAE's,
-    so that the run's slices map one to one."""
+    """S VAEs with MLP networks as one: each Linear's weights stacked and stored transposed, (S, in,
+    out), so that inputs of shape (S, B, in) go through one batched product with no copy (on this
+    2-core CPU a transposed view made the batched product copy its operand every step). Its
+    parameters come in the order of one VAE's, so that the runs' slices map one to one (`single`)."""
 
     def __init__(self, models: list[VAE]):
         super().__init__()
@@ -83,14 +84,15 @@ class PackedVAE(nn.Module):
 
     @staticmethod
     def _stack(networks) -> nn.ModuleList:
-        """Each Linear of the networks stacked into one holder of (S, out, in) weights; activations kept."""
+        """Each Linear of the networks stacked into one holder of (S, in, out) weights; activations kept."""
         layers = list(zip(*networks, strict=True))
         stacked = nn.ModuleList()
         for same in layers:
             if isinstance(same[0], nn.Linear):
                 holder = nn.Module()
-                holder.weight = nn.Parameter(torch.stack([layer.weight.detach() for layer in same]))
-                holder.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in same]))
+                weights = torch.stack([layer.weight.detach().T for layer in same]).contiguous()
+                holder.weight = nn.Parameter(weights)
+                holder.bias = nn.Parameter(torch.stack([layer.bias.detach() for layer in same]).unsqueeze(1))
                 stacked.append(holder)
             else:
                 stacked.append(same[0])
@@ -99,10 +101,8 @@ class PackedVAE(nn.Module):
     @staticmethod
     def _forward_layers(layers: nn.ModuleList, h: torch.Tensor) -> torch.Tensor:
         for layer in layers:
-            if isinstance(getattr(layer, "weight", None), nn.Parameter) and layer.weight.dim() == 3:
-                h = torch.baddbmm(layer.bias.unsqueeze(1), h, layer.weight.transpose(1, 2))
-            else:
-                h = layer(h)
+            weight = getattr(layer, "weight", None)
+            h = torch.baddbmm(layer.bias, h, weight) if isinstance(weight, nn.Parameter) else layer(h)
         return h
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,11 +111,28 @@ class PackedVAE(nn.Module):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self._forward_layers(self.decoder, self.latent.flatten(z))
 
+    def single(self, i: int, packed: torch.Tensor, s: int) -> torch.Tensor:
+        """Run s's part, in one VAE's layout, of the i-th stacked parameter or of a tensor shaped like
+        it (its optimizer state)."""
+        return packed[s].T if self.kinds[i] == "weight" else packed[s, 0]
+
+    def stacked(self, i: int, singles: list[torch.Tensor]) -> torch.Tensor:
+        """The runs' tensors shaped like the i-th parameter of one VAE, stacked in the pack's layout."""
+        if self.kinds[i] == "weight":
+            return torch.stack([t.T for t in singles]).contiguous()
+        return torch.stack(singles).unsqueeze(1)
+
+    @property
+    def kinds(self) -> list[str]:
+        """Per parameter: "weight" (S, in, out), "bias" (S, 1, out) or "prior" (S, 1, *latent shape)."""
+        names = [name.rsplit(".", 1)[-1] for name, _ in self.named_parameters()]
+        return ["prior" if name == "prior_logits" else name for name in names]
+
     def copy_to(self, s: int, model: VAE) -> None:
         """Write run s's slice into its separate VAE."""
         with torch.no_grad():
-            for packed, single in zip(self.parameters(), model.parameters(), strict=True):
-                single.copy_(packed[s] if packed is not self.prior_logits else packed[s, 0])
+            for i, (packed, single) in enumerate(zip(self.parameters(), model.parameters(), strict=True)):
+                single.copy_(self.single(i, packed, s))
             if not isinstance(self.prior_logits, nn.Parameter):
                 model.prior_logits.copy_(self.prior_logits[s, 0])
 
@@ -165,28 +182,30 @@ class PackedOptimizer:
             for before, p in zip(self._before, params, strict=True):
                 p.copy_(torch.lerp(before, p, self._ratio(p)))
 
-    def copy_state_to(self, s: int, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
-        """Run s's slice of the optimizer state into its separate optimizer (over `params`)."""
-        for packed, single in zip(self.inner.param_groups[0]["params"], params, strict=True):
+    def copy_state_to(self, s: int, model: PackedVAE, optimizer: torch.optim.Optimizer,
+                      params: list[nn.Parameter]) -> None:
+        """Run s's part of the optimizer state into its separate optimizer (over `params`)."""
+        for i, (packed, single) in enumerate(zip(self.inner.param_groups[0]["params"], params, strict=True)):
             state = self.inner.state.get(packed)
             if state:
-                optimizer.state[single] = {k: _slice(v, s) for k, v in state.items()}
+                optimizer.state[single] = {k: _part(model, i, v, s) for k, v in state.items()}
 
-    def load_states(self, optimizers: list[torch.optim.Optimizer], params: list[list[nn.Parameter]]) -> None:
+    def load_states(self, model: PackedVAE, optimizers: list[torch.optim.Optimizer],
+                    params: list[list[nn.Parameter]]) -> None:
         """Stack the separate runs' optimizer states (a resumed pack) into this one's."""
         for i, packed in enumerate(self.inner.param_groups[0]["params"]):
             states = [opt.state.get(ps[i]) for opt, ps in zip(optimizers, params, strict=True)]
             if all(states):
                 self.inner.state[packed] = {
-                    k: (torch.stack([st[k] for st in states]).to(packed.device) if states[0][k].dim() > 0
+                    k: (model.stacked(i, [st[k] for st in states]).to(packed.device) if states[0][k].dim() > 0
                         else states[0][k].clone().to(packed.device))
                     for k in states[0]}
 
 
-def _slice(value: Any, s: int) -> Any:
-    """Run s's part of an optimizer state entry: stacked tensors are sliced, a shared step count copied."""
+def _part(model: PackedVAE, i: int, value: Any, s: int) -> Any:
+    """Run s's part of an optimizer state entry: a stacked tensor's slice, or a shared step count."""
     if torch.is_tensor(value):
-        return value[s].clone() if value.dim() > 0 else value.clone()
+        return model.single(i, value, s).clone() if value.dim() > 0 else value.clone()
     return value
 
 
@@ -226,7 +245,7 @@ class PackedTraining:
                     target = run.estimator.get_buffer(name)
                     target.copy_(buffer[s] if buffer.dim() > target.dim() else buffer)
             params = [*run.model.parameters(), *run.estimator.parameters()]
-            self.optimizer.copy_state_to(s, run.optimizer, params)
+            self.optimizer.copy_state_to(s, self.model, run.optimizer, params)
 
 
 def pack_trainings(cfgs: list[Config], runs: list[Any], steps: list[int]) -> PackedTraining:
@@ -249,7 +268,9 @@ def pack_trainings(cfgs: list[Config], runs: list[Any], steps: list[int]) -> Pac
     params = [*model.parameters(), *estimator.parameters()]
     optimizer = PackedOptimizer(optimizer_cls, params, [c.optim for c in cfgs],
                                 optimizer_kwargs(optimizer_cls, mode))
-    optimizer.load_states([run.optimizer for run in runs],
+    if any(True for _ in estimator.parameters()):
+        raise ValueError(f"estimator={cfgs[0].estimator.name} has parameters of its own: it cannot be packed")
+    optimizer.load_states(model, [run.optimizer for run in runs],
                           [[*run.model.parameters(), *run.estimator.parameters()] for run in runs])
     rng = CounterRNG([c.seed for c in cfgs], device, steps[0])
     model.latent.rng = splits.rng = rng

@@ -32,6 +32,7 @@ from gvae.step import CUDA_ONLY_MODES
 from gvae.train import build_training
 
 MODES = [m.value for m in StepMode if m is not StepMode.auto]
+OVERRIDES: list[str] = []  # the command line's, for configs composed later
 
 
 def sync(device: torch.device) -> None:
@@ -131,6 +132,42 @@ def time_bookkeeping(cfg, steps: int, repeats: int = 3) -> dict:
             "bare_us_per_step": bare_best, "steps": steps, "repeats": repeats}
 
 
+def time_packed(cfg, sizes: list[int], steps: int, warmup: int) -> list[dict]:
+    """Model-steps per second of S runs packed into one batched step (gvae/packing.py) beside the
+    same S runs stepped one after another, each in its own step, in this process: the runs differ
+    in seed (each its own initial parameters, batches and noise)."""
+    from gvae.config import validate
+    from gvae.packing import pack_trainings
+
+    results = []
+    for size in sizes:
+        cfgs = [validate(compose_config([*OVERRIDES, f"seed={seed}"])) for seed in range(size)]
+        shared = build_training(cfgs[0]).splits
+        separate = [build_training(c, splits=shared) for c in cfgs]
+        packed = pack_trainings(cfgs, [build_training(c, splits=shared, make_step=False) for c in cfgs],
+                                [0] * size)
+        timings = {}
+
+        def step_separately(runs=separate) -> None:
+            for run in runs:
+                run.train_step()
+
+        for label, step_all in (("separate", step_separately), ("packed", packed.train_step)):
+            for _ in range(warmup):  # includes graph capture or compilation
+                step_all()
+            sync(packed.device)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step_all()
+            sync(packed.device)
+            timings[label] = size * steps / (time.perf_counter() - t0)
+        results.append({"mode": f"packed_S{size}", "runs": size, "mode_of_step": packed.mode,
+                        "separate_model_steps_per_sec": timings["separate"],
+                        "packed_model_steps_per_sec": timings["packed"],
+                        "packed_over_separate": timings["packed"] / timings["separate"]})
+    return results
+
+
 def full_run(device: str, overrides: list[str]) -> dict:
     """Wall time of a complete default run (50,000 steps and the m=1000 test bound), start-up included."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -155,12 +192,20 @@ def main() -> None:
     parser.add_argument("--full-run", action="store_true", help="also time a complete default run")
     parser.add_argument("--bookkeeping", action="store_true",
                         help="only time the training loop's own work per step (no model step)")
+    parser.add_argument("--packed", type=int, nargs="+", metavar="S",
+                        help="only time S runs packed against S separate runs, for each S (e.g. 1 4 8 16)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for gvae's config")
     args = parser.parse_args()
+    OVERRIDES[:] = [f"device={args.device}", f"train.batch_size={args.batch}", *args.overrides]
 
     cfg = compose_config([f"device={args.device}", f"train.batch_size={args.batch}", *args.overrides])
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if args.packed:
+        for r in time_packed(cfg, args.packed, args.steps, args.warmup):
+            print(json.dumps({"device": name, "batch": args.batch, "torch": torch.__version__,
+                              "threads": torch.get_num_threads(), **r}), flush=True)
+        return
     if args.bookkeeping:
         torch.set_num_threads(1)  # the loop's bookkeeping is Python: no thread-pool waits in the figure
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
