@@ -3,8 +3,12 @@ and whether it belongs to the run that wants to resume from it."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import logging
 import pickle
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +21,8 @@ from gvae.estimators import Estimator
 from gvae.files import atomic_write
 from gvae.model import VAE
 
+log = logging.getLogger(__name__)
+
 KEYS = ("model", "estimator", "optimizer", "sampler", "rng", "step", "val_nelbo_best", "config")
 # The config keys that say what a checkpoint's tensors and random streams mean. The others
 # (max_steps, cadences, evaluation, device, step mode, where the data lives) may change when a run
@@ -27,14 +33,15 @@ RESUMABLE_KEYS = ("data.root", "data.download", "data.mirrors")
 
 def state(model: VAE, estimator: Estimator, optimizer: torch.optim.Optimizer, sampler: BatchSampler,
           device: torch.device, step: int, val_nelbo_best: float, val_curve: list[list[float]],
-          config: dict[str, Any]) -> dict[str, Any]:
+          config: dict[str, Any], wall_seconds: float = 0.0) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly: one dict."""
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return {"model": model.state_dict(), "estimator": estimator.state_dict(),
             "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng, "step": step,
-            "val_nelbo_best": val_nelbo_best, "val_curve": val_curve, "config": config}
+            "val_nelbo_best": val_nelbo_best, "val_curve": val_curve, "config": config,
+            "wall_seconds": wall_seconds}  # the run's time so far, over every process that trained it
 
 
 def restore(saved: dict[str, Any], model: VAE, estimator: Estimator, optimizer: torch.optim.Optimizer,
@@ -43,34 +50,105 @@ def restore(saved: dict[str, Any], model: VAE, estimator: Estimator, optimizer: 
     model.load_state_dict(saved["model"])
     estimator.load_state_dict(saved["estimator"])
     optimizer.load_state_dict(saved["optimizer"])
+    for state in optimizer.state.values():  # a pack's checkpoints before 2026-11-28 held transposed views
+        for k, v in state.items():
+            if torch.is_tensor(v) and not v.is_contiguous():
+                state[k] = v.contiguous()
     sampler.load_state_dict(saved["sampler"])
     torch.set_rng_state(saved["rng"]["cpu"])
     if device.type == "cuda" and "cuda" in saved["rng"]:  # a CPU checkpoint has none
         torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
 
 
+# A checkpoint file is an envelope: the serialized state as bytes, and the SHA-256 of those bytes,
+# written together in one atomic rename. Loading verifies the digest before unpickling anything.
+FORMAT = "gvae-checkpoint/2"
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a kill mid-save leaves the previous checkpoint."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """Write atomically, with its checksum: a kill mid-save leaves the previous checkpoint."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    envelope = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    atomic_write(path, lambda f: torch.save(envelope, f))
+
+
+def _read(source: Any, path: Path) -> Any:
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read ({e}); it is damaged or not a gvae checkpoint") from e
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU without unpickling arbitrary objects (tensors and plain
-    containers only); CheckpointError if the file is damaged or not one of ours.
+    """Read a checkpoint onto the CPU, verified: its checksum, then tensors and plain containers
+    only (weights_only: nothing arbitrary is unpickled), every entry present, of its type, finite.
+    CheckpointError naming the file otherwise.
 
     CPU, whatever the training device: RNG states must be CPU tensors, and load_state_dict
     copies the rest to the parameters' device.
     """
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f"{path} cannot be read ({e}); it is damaged or not a gvae checkpoint") from e
+    state = _read(path, path)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        payload = state.get("payload")
+        if not (torch.is_tensor(payload) and payload.dtype == torch.uint8):
+            raise CheckpointError(f"{path} is damaged: its payload is missing")
+        data = payload.numpy().tobytes()
+        if hashlib.sha256(data).hexdigest() != state.get("sha256"):
+            raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written "
+                                  "with it. Resume from a copy, or delete it to train this run again.")
+        state = _read(io.BytesIO(data), path)
+    elif isinstance(state, dict) and "model" in state:  # written before checkpoints had checksums
+        log.warning("%s has no checksum (written by an older gvae): not verified", path)
     if isinstance(state, dict) and "best_val" in state and "val_nelbo_best" not in state:
         state["val_nelbo_best"] = state.pop("best_val")  # its name before 2026-11
     missing = [k for k in KEYS if k not in state] if isinstance(state, dict) else list(KEYS)
     if missing:
         raise CheckpointError(f"{path} is not a gvae checkpoint: missing {missing}")
+    _check_entries(path, state)
     return state
+
+
+def _tensors(tree: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if torch.is_tensor(tree):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+    elif isinstance(tree, (list, tuple)):
+        for i, v in enumerate(tree):
+            yield from _tensors(v, f"{prefix}[{i}]")
+
+
+def _check_entries(path: Path, state: dict[str, Any]) -> None:
+    """Each entry of the type a run restores, and every float tensor finite."""
+    types = {"model": dict, "estimator": dict, "optimizer": dict, "sampler": dict, "rng": dict,
+             "config": dict, "step": int, "val_nelbo_best": (int, float)}
+    for key, kind in types.items():
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise CheckpointError(f"{path} is damaged: its {key!r} is a {type(state[key]).__name__}")
+    if state["step"] < 0:
+        raise CheckpointError(f"{path} is damaged: step {state['step']}")
+    for key in ("model", "estimator", "optimizer"):
+        for name, tensor in _tensors(state[key], key):
+            if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+                raise CheckpointError(f"{path} holds non-finite values in {name}: a run is never "
+                                      "saved so; the file is damaged")
+
+
+def run_defining(flat: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a flattened config that say what a run's results mean (RUN_KEYS)."""
+    return {k: v for k, v in flat.items()
+            if k not in RESUMABLE_KEYS and any(k == r or k.startswith(r + ".") for r in RUN_KEYS)}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, old value, new value) for every key whose value differs, "<absent>" for a missing one."""
+    absent = "<absent>"
+    return [(k, old.get(k, absent), new.get(k, absent)) for k in sorted(old.keys() | new.keys())
+            if old.get(k, absent) != new.get(k, absent)]
 
 
 def check_compatible(path: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
@@ -83,17 +161,9 @@ def check_compatible(path: Path, saved: dict[str, Any], config: dict[str, Any]) 
         old = flatten(container(config_from_dict(saved)))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    new = flatten(config)
-
-    def run_defining(key: str) -> bool:
-        return key not in RESUMABLE_KEYS and any(key == k or key.startswith(k + ".") for k in RUN_KEYS)
-
-    absent = "<absent>"
-    differ = sorted(k for k in old.keys() | new.keys()
-                    if run_defining(k) and old.get(k, absent) != new.get(k, absent))
+    differ = config_differences(run_defining(old), run_defining(flatten(config)))
     if differ:
-        details = "; ".join(f"{k}: {old.get(k, absent)!r} in the checkpoint, {new.get(k, absent)!r} now"
-                            for k in differ)
+        details = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in differ)
         raise CheckpointError(
             f"{path} was written by a different configuration ({details}). Resume with the "
             "checkpoint's values, or start a new run folder (another hydra.run.dir)."

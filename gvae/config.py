@@ -203,6 +203,8 @@ def register_configs() -> None:
             cs.store(group=group, name=f"{name}_schema", node=node)
     OmegaConf.register_new_resolver("gvae_config_groups", config_groups_help, replace=True)
     OmegaConf.register_new_resolver("gvae_estimators", estimator_help, replace=True)
+    # Cached, as Hydra's `now` is: a sweep's jobs, even in other processes, see the launching one's.
+    OmegaConf.register_new_resolver("gvae_pid", os.getpid, replace=True, use_cache=True)
 
 
 def config_path() -> str:
@@ -225,7 +227,8 @@ def config_dir() -> Path:
 def config_groups_help() -> str:
     """One line per config group with its options (the YAML files; the schemas behind them are not
     options), for gvae-train --help."""
-    groups = sorted(p for p in config_dir().iterdir() if p.is_dir() and not p.name.startswith("_"))
+    groups = sorted(p for p in config_dir().iterdir()
+                    if p.is_dir() and not p.name.startswith("_") and any(p.glob("*.yaml")))
     return "\n".join(f"{g.name}: {', '.join(sorted(f.stem for f in g.glob('*.yaml')))}" for g in groups)
 
 

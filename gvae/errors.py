@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
+
+from hydra.errors import CompactHydraException
 
 
 class GvaeError(RuntimeError):
@@ -31,6 +34,19 @@ class Interrupted(GvaeError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = signum
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT outside the training loop (start-up, the final evaluation): raised by the
+    handler gvae-train installs, so that the run still ends with its message and record."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job's failure as one line, which Hydra prints instead of a traceback."""
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

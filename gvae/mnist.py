@@ -21,6 +21,7 @@ import torchvision
 
 from gvae.data import DataConfig
 from gvae.errors import DataError, require
+from gvae.files import staged
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +80,14 @@ def check_idx_file(path: Path) -> None:
 def _gunzip(src: Path, dst: Path) -> None:
     """Decompress src to dst through a temporary file, checked before it takes dst's name, so a
     failure never leaves a partial or wrong dst behind."""
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.partial")  # this process's own: others may be at it too
-    try:
-        with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"{src}: cannot decompress ({e}); the gzip file is corrupt or truncated") from e
-    if problem := idx_problem(tmp, dst.name):
-        tmp.unlink()
-        raise DataError(f"{src}: decompresses to a file that is not MNIST's {dst.name}: {problem}")
-    os.replace(tmp, dst)
+    with staged(dst) as tmp:  # this call's own file: other processes may be decompressing it too
+        try:
+            with gzip.open(src, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+            raise DataError(f"{src}: cannot decompress ({e}); the gzip file is corrupt or truncated") from e
+        if problem := idx_problem(tmp, dst.name):
+            raise DataError(f"{src}: decompresses to a file that is not MNIST's {dst.name}: {problem}")
 
 
 def _check_decompressed(path: Path, gz: Path) -> None:
@@ -156,10 +154,8 @@ def download_mnist(root: Path, mirrors: list[str] | None = None) -> None:
         raw.mkdir(parents=True, exist_ok=True)
         for name in IDX_FILES:
             for file in (f"{name}.gz", name):
-                staged = raw / f".{file}.{os.getpid()}.partial"
-                # A copy, not a rename: the temporary folder may be on another disk.
-                shutil.copyfile(Path(tmp) / "MNIST" / "raw" / file, staged)
-                os.replace(staged, raw / file)
+                with staged(raw / file) as part:  # a copy: the temporary folder may be on another disk
+                    shutil.copyfile(Path(tmp) / "MNIST" / "raw" / file, part)
 
 
 def prepare_mnist(root: str | Path, download: bool, mirrors: list[str] | None = None) -> Path:
@@ -196,9 +192,8 @@ def prepare_mnist(root: str | Path, download: bool, mirrors: list[str] | None = 
             _check_decompressed(dst, gz)
         elif src.exists():
             check_idx_file(src)
-            staged = dst.with_name(f".{dst.name}.{os.getpid()}.partial")
-            shutil.copyfile(src, staged)
-            os.replace(staged, dst)
+            with staged(dst) as part:
+                shutil.copyfile(src, part)
         else:
             _gunzip(gz, dst)
     return target

@@ -205,7 +205,11 @@ class PackedOptimizer:
 def _part(model: PackedVAE, i: int, value: Any, s: int) -> Any:
     """Run s's part of an optimizer state entry: a stacked tensor's slice, or a shared step count."""
     if torch.is_tensor(value):
-        return model.single(i, value, s).clone() if value.dim() > 0 else value.clone()
+        # Contiguous, as a separate run's own state is: a slice of the stacked (S, in, out) state is a
+        # transposed view, and the fused optimizers step such a state in the wrong element order.
+        if value.dim() == 0:  # the shared step count
+            return value.clone()
+        return model.single(i, value, s).clone(memory_format=torch.contiguous_format)
     return value
 
 

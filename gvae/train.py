@@ -36,6 +36,7 @@ from gvae.config import (
     Config,
     config_path,
     container,
+    flatten,
     import_extensions,
     register_configs,
     resolve_device,
@@ -43,7 +44,7 @@ from gvae.config import (
 )
 from gvae.data import BatchSampler, Splits, load_splits
 from gvae.diagnostics import diagnose
-from gvae.errors import CheckpointError, ConfigError, GvaeError, Interrupted, NonFiniteError
+from gvae.errors import GvaeError, Interrupted, JobFailed, NonFiniteError, Stopped
 from gvae.estimators import Estimator, build_estimator
 from gvae.evaluation import eval_generator, evaluate, split_nelbo
 from gvae.files import write_json
@@ -51,6 +52,7 @@ from gvae.model import VAE
 from gvae.objective import TrainStats
 from gvae.packing import PackedTraining, check_packable, pack_trainings
 from gvae.rng import CounterRNG
+from gvae.run_folder import FolderBusy, RunFolder, describe_failure, signals_raise_stopped, write_failure
 from gvae.step import StepFn, make_train_step, optimizer_kwargs, resolve_mode
 from gvae.summaries import log_config_and_hparams, log_images, log_layout
 
@@ -200,6 +202,7 @@ class Run:
     ckpt_step: int | None = None  # the step of the last good checkpoint
     finite_at: int = 0  # the last step at which its tensors were seen finite
     tau_now: float = 1.0
+    wall_before: float = 0.0  # seconds spent on this run by the processes before this one (resumed)
     failure: NonFiniteError | None = None
     settings: dict[str, Any] | None = None  # for the hparams record; None: Hydra's command line
 
@@ -230,6 +233,17 @@ def resume_state(cfg: Config, config: dict[str, Any], out_dir: Path) -> tuple[di
     return saved, None
 
 
+Opened = tuple[Config, dict | None, dict | None]  # (typed config, checkpoint to resume, finished metrics)
+
+
+def open_run(cfg: DictConfig, out_dir: Path) -> Opened:
+    """Whether this run may use out_dir, decided without writing anything: its config valid, and with
+    train.resume a checkpoint there of its own configuration (ConfigError, CheckpointError)."""
+    typed = validate(cfg)
+    saved, done = resume_state(typed, container(cfg), out_dir)
+    return typed, saved, done
+
+
 def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     """Train per `cfg`, writing TensorBoard events, checkpoints and metrics.json under out_dir."""
     (result,) = train_runs([cfg], [out_dir])
@@ -238,17 +252,20 @@ def train(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     return result
 
 
-def train_runs(cfgs: list[DictConfig], out_dirs: list[Path],
-               settings: list[dict[str, Any]] | None = None) -> list[dict[str, Any] | NonFiniteError]:
+def train_runs(cfgs: list[DictConfig], out_dirs: list[Path], settings: list[dict[str, Any]] | None = None,
+               opened: list[Opened] | None = None) -> list[dict[str, Any] | NonFiniteError]:
     """Train runs that can share a pack (gvae/packing.py) together, one alone, each writing what a
     separate run writes in its own folder. Returns each run's metrics, or the NonFiniteError of a
     run that diverged (its pack-mates go on). An interrupt checkpoints every run and raises.
-    `settings`: what each run's command line set, for its hparams record (default: Hydra's)."""
-    typed = [validate(c) for c in cfgs]  # before anything is written
+    `settings`: what each run's command line set, for its hparams record (default: Hydra's);
+    `opened`: each run's open_run, when the caller has decided already."""
+    if opened is None:
+        opened = [open_run(c, d) for c, d in zip(cfgs, out_dirs, strict=True)]  # before anything is written
+    typed = [t for t, _, _ in opened]
     if len(typed) > 1:
         check_packable(typed)
     configs = [container(c) for c in cfgs]
-    states = [resume_state(t, c, d) for t, c, d in zip(typed, configs, out_dirs, strict=True)]
+    states = [(saved, done) for _, saved, done in opened]
     results: list[dict | NonFiniteError | None] = [done for _, done in states]
     todo = [i for i, done in enumerate(results) if done is None]
     if not todo:
@@ -287,6 +304,7 @@ def _loop(engine: Training | PackedTraining, runs: list[Run], step: int) -> list
             # [step, validation nelbo] at each evaluation: the curve of the paper's Figure 4, kept in
             # the checkpoint so that a resumed run reports all of it (older checkpoints have none).
             run.val_curve = [list(p) for p in run.saved.get("val_curve", [])]
+            run.wall_before = float(run.saved.get("wall_seconds", 0.0))
             log.info("resumed from %s at step %d", run.ckpt_path, step)
         run.finite_at = step
         run.tau_now = run.cfg.schedule.temperature(step)
@@ -328,7 +346,7 @@ def _loop(engine: Training | PackedTraining, runs: list[Run], step: int) -> list
             t = run.training
             run.ckpt_path.parent.mkdir(exist_ok=True)
             state = ckpt.state(t.model, t.estimator, t.optimizer, t.sampler, device, step, run.best_val,
-                               run.val_curve, run.config)
+                               run.val_curve, run.config, run.wall_before + time.perf_counter() - t_start)
             ckpt.save_checkpoint(run.ckpt_path, state)
             run.ckpt_step = step
 
@@ -471,9 +489,13 @@ def _finish(run: Run, splits: Splits, device: torch.device, step: int, mode: str
     metrics = {
         "status": "complete", "step": step, "val_nelbo": last_val, "val_nelbo_best": run.best_val,
         "test_nelbo": test_nelbo, "test_bound": test_bound, "num_samples": evaluation.num_samples,
-        "steps_per_sec": steps_per_sec, "wall_seconds": wall_seconds, "device": str(device),
+        # steps_per_sec: this process's training rate; wall_seconds: the whole run's, every process
+        # that trained it (up to its last checkpoint) included.
+        "steps_per_sec": steps_per_sec, "wall_seconds": run.wall_before + wall_seconds, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "step_mode": mode, "val_curve": run.val_curve,
+        # What the figures belong to, so that a table can check the folder's config still says so.
+        "run_config": ckpt.run_defining(flatten(run.config)),
     }
     if train_nelbo_last_epoch is not None:  # not when a resume split the last epoch
         metrics["train_nelbo_last_epoch"] = train_nelbo_last_epoch
@@ -514,24 +536,53 @@ register_plugins()
 @hydra.main(version_base="1.3", config_path=config_path(), config_name="config")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point: train in Hydra's output folder; return the best validation negative
-    ELBO, the figure a sweeper (Optuna, Ax) minimises: selection never sees the test set."""
+    ELBO, the figure a sweeper (Optuna, Ax) minimises: selection never sees the test set.
+
+    The folder is locked for the run's lifetime and written only once the run is accepted
+    (gvae/run_folder.py); every failure ends in one message, a non-zero status and, once the run
+    owns the folder, failed.json."""
     hydra_cfg = HydraConfig.get()
-    out_dir = Path(hydra_cfg.runtime.output_dir)
+    folder = RunFolder(Path(hydra_cfg.runtime.output_dir))
+    job_num = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
     try:
-        val_nelbo_best = train(cfg, out_dir)["val_nelbo_best"]
-    except Interrupted as e:
-        write_json(out_dir / "failed.json", {"status": "interrupted", "error": str(e)})
-        raise SystemExit(128 + e.signum) from None  # a sweep stops too: the machine is going away
-    except GvaeError as e:
-        log.error("%s", e)
-        # A wrong command (bad value, another run's checkpoint) writes nothing but Hydra's log.
-        if not isinstance(e, (ConfigError, CheckpointError)):
-            write_json(out_dir / "failed.json", {"status": "failed", "error": f"{type(e).__name__}: {e}"})
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            raise  # Hydra records the failed job and goes on with the others
-        raise SystemExit(1) from None
-    (out_dir / "failed.json").unlink(missing_ok=True)  # a resumed run that failed before has now finished
-    return val_nelbo_best
+        with signals_raise_stopped(), folder:
+            try:
+                return run_in(folder, cfg, hydra_cfg)
+            except (GvaeError, OSError, Stopped, KeyboardInterrupt) as e:
+                end_run(folder, e, job_num)  # logged while train.log is open
+    except FolderBusy as e:
+        end_run(folder, e, job_num)
+    raise AssertionError("unreachable")
+
+
+def run_in(folder: RunFolder, cfg: DictConfig, hydra_cfg: DictConfig) -> float:
+    """The run in its locked folder: refused (nothing written), skipped (already finished: nothing
+    written), or recorded and trained."""
+    typed, saved, done = open_run(cfg, folder.path)
+    if done is not None:
+        return done["val_nelbo_best"]
+    folder.record(cfg, hydra_cfg, hydra_cfg.job.name)
+    (result,) = train_runs([cfg], [folder.path], opened=[(typed, saved, done)])
+    if isinstance(result, GvaeError):
+        raise result
+    (folder.path / "failed.json").unlink(missing_ok=True)  # a resumed run that failed before has now finished
+    return result["val_nelbo_best"]
+
+
+def end_run(folder: RunFolder, error: BaseException, job_num: int | None) -> None:
+    """One message, failed.json if the run owns its folder, then the exit: a non-zero status, or in a
+    multirun Hydra's record of a failed job (the other jobs go on; an interrupt stops the sweep)."""
+    status, message, code = describe_failure(error, folder.path)
+    if folder.recorded:
+        log.error("%s", message)
+        write_failure(folder.path, status, message, error)
+    else:
+        if folder.path.is_dir() and any(folder.path.iterdir()):  # (an empty one is removed)
+            message += f" (refused: {folder.path} is left as it was)"
+        log.error("%s", message)
+    if job_num is not None and status != "interrupted":
+        raise JobFailed(f"job {job_num} ({folder.path}) failed: {message}") from None
+    raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ from typing import Any
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from gvae.config import Config, flatten
+from gvae.checkpoint import check_compatible, config_differences, load_checkpoint, run_defining
+from gvae.config import Config, config_from_dict, container, flatten, import_extensions
+from gvae.errors import GvaeError
 from gvae.files import atomic_write, write_json
 from hydra_plugins.gvae_plugins.rows_sweeper import cross
 
@@ -132,6 +134,28 @@ def _natural(text: str) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
+def check_consistent(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """TableError unless the job's recorded config (.hydra/config.yaml), its checkpoint and its
+    metrics.json describe the same run: a folder whose record was rewritten (an old gvae let a
+    refused resume do it) would put one setting's figures under another's name."""
+    try:
+        recorded = run_defining(flatten(container(config_from_dict(cfg))))
+        path = folder / "checkpoints" / "last.pt"
+        saved = load_checkpoint(path)
+        check_compatible(path, saved["config"], container(config_from_dict(cfg)))
+    except GvaeError as e:
+        raise TableError(f"job {folder}: its config (.hydra/config.yaml) and its checkpoint disagree, "
+                         f"so its figures cannot be attributed: {e}") from None
+    if saved["step"] != metrics.get("step"):
+        raise TableError(f"job {folder}: metrics.json is of step {metrics.get('step')}, its checkpoint "
+                         f"of step {saved['step']}")
+    if "run_config" in metrics:  # written since 2026-11-28
+        if differ := config_differences(metrics["run_config"], recorded):
+            details = "; ".join(f"{k}: {a!r} in metrics.json, {b!r} in .hydra/config.yaml"
+                                for k, a, b in differ)
+            raise TableError(f"job {folder}: its metrics and its config disagree ({details})")
+
+
 def job_record(folder: Path, sweep_name: str, sweep_dir: Path) -> dict[str, Any]:
     overrides = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
     cfg = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=True)
@@ -139,6 +163,8 @@ def job_record(folder: Path, sweep_name: str, sweep_dir: Path) -> dict[str, Any]
     flat = flatten({f.name: cfg[f.name] for f in dataclasses.fields(Config) if f.name in cfg})
     status, error = job_status(folder)
     metrics = read_json(folder / "metrics.json") if status == "complete" else None
+    if metrics is not None:
+        check_consistent(folder, cfg, metrics)
     evaluation = read_json(folder / "eval.json") if status == "complete" else None
     return {
         "job": f"{sweep_name}/{folder.relative_to(sweep_dir).as_posix()}",
@@ -452,6 +478,7 @@ def main(argv: list[str] | None = None) -> int:
     cho.add_argument("sweeps", type=Path, nargs="+")
     args = parser.parse_args(argv)
     try:
+        import_extensions()  # $GVAE_IMPORT's estimators, which the jobs' configs and checkpoints name
         if args.command == "chosen":
             folders, waiting = chosen_folders(args.sweeps)
             for line in waiting:

@@ -69,6 +69,7 @@ def test_damaged_or_foreign_checkpoints_are_named(tmp_path):
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     save_checkpoint(path, {"step": 1})
+    before = path.read_bytes()
 
     def torch_save_then_die(obj, f):
         f.write(b"half a checkpoint")
@@ -77,7 +78,42 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", torch_save_then_die)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(path, {"step": 2})
-    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def valid_state(**changes) -> dict:
+    state = {"model": {"w": torch.ones(3)}, "estimator": {}, "optimizer": {"state": {}}, "sampler": {},
+             "rng": {"cpu": torch.zeros(4, dtype=torch.uint8)}, "step": 5, "val_nelbo_best": float("inf"),
+             "config": {}}
+    return {**state, **changes}
+
+
+def test_a_checkpoint_whose_bytes_changed_fails_its_checksum(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, valid_state())
+    assert load_checkpoint(path)["step"] == 5
+    envelope = torch.load(path, weights_only=True)
+    payload = envelope["payload"].clone()
+    payload[len(payload) // 2] ^= 1  # one bit, inside the serialized state
+    torch.save({**envelope, "payload": payload}, path)
+    with pytest.raises(CheckpointError, match=f"{path} is damaged: its contents do not match the checksum"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model": {"w": torch.tensor([1.0, float("nan")])}}, "non-finite values in model.w"),
+    ({"optimizer": {"state": {0: {"exp_avg": torch.tensor([float("inf")])}}}},
+     r"non-finite values in optimizer.state.0.exp_avg"),
+    ({"step": "ten"}, "its 'step' is a str"),
+    ({"model": [1, 2]}, "its 'model' is a list"),
+], ids=["nan_weight", "inf_optimizer_state", "step_text", "model_list"])
+def test_a_checkpoint_with_bad_entries_is_named_and_never_loaded(tmp_path, change, message):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, valid_state(**change))  # a correct checksum over wrong contents
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value) and "weights_only=False" not in str(err.value)
 
 
 def test_a_checkpoint_from_before_the_typed_options_resumes_with_their_defaults():

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,25 @@ def test_truncated_gz_is_a_clear_error_and_leaves_no_partial_file(mnist_root, tm
         prepare_mnist(tmp_path, download=False)
     assert not (raw / "train-labels-idx1-ubyte").exists()
     assert not [p.name for p in raw.iterdir() if "partial" in p.name]
+
+
+def test_processes_preparing_one_fresh_folder_at_once_all_succeed(mnist_root, gz_copy):
+    # Six processes decompress the same four .gz files into the same folder at the same moment:
+    # each writes its own temporary file and renames it into place; a file another process has
+    # finished is accepted after its checksum is checked. No failure, no false "corrupt" verdict.
+    root = gz_copy.parent.parent
+    start = root / "go"
+    code = (f"import time, pathlib\nwhile not pathlib.Path({str(start)!r}).exists(): time.sleep(0.001)\n"
+            f"from gvae.mnist import prepare_mnist\nprepare_mnist({str(root)!r}, download=False)")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for _ in range(6)]
+    time.sleep(3)  # every process imported gvae and is waiting
+    start.touch()
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    for name in IDX_FILES:
+        assert (gz_copy / name).read_bytes() == gzip.decompress((gz_copy / f"{name}.gz").read_bytes())
+    assert sorted(p.name for p in gz_copy.iterdir()) == sorted([*IDX_FILES, *(f"{n}.gz" for n in IDX_FILES)])
 
 
 # -----------------------------------------------------------------------------

@@ -23,3 +23,12 @@ def test_ci_runs_the_readmes_two_commands_literally():
     assert "pytest" in commands[1]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci[-2:] == commands  # the last thing CI does is exactly what a new user types
+
+
+def test_every_test_that_docs_robustness_names_exists():
+    doc = (ROOT / "docs" / "robustness.md").read_text()
+    named = set(re.findall(r"`(test_\w+)`", doc))
+    defined = {m for f in (ROOT / "tests").glob("test_*.py")
+               for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
+    assert len(named) >= 20
+    assert named <= defined, sorted(named - defined)

@@ -208,3 +208,17 @@ def test_paper_sweep_launches_the_papers_288_jobs_with_annealing_only_where_ther
         cfg = validate(compose_config(sorted(job)))
         tempered = cfg.estimator.name in ("gumbel_softmax", "st_gumbel_softmax", "slope_annealed_st")
         assert any(o.startswith("schedule.") for o in job) == tempered
+
+
+@pytest.mark.slow
+def test_table_refuses_a_job_whose_recorded_config_no_longer_matches_its_results(sweep, tmp_path):
+    broken = shutil.copytree(sweep, tmp_path / "sweep")
+    record = broken / "2" / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(record)
+    cfg.optim.lr = 0.123  # the record rewritten after training, as an old gvae's refused resume did
+    OmegaConf.save(cfg, record)
+    result = table("record", str(broken), "--out", str(tmp_path / "out"), "--num-samples", str(M))
+    assert result.returncode == 1
+    assert f"job {broken / '2'}" in result.stderr and "disagree" in result.stderr
+    assert "optim.lr:" in result.stderr and "0.123 now" in result.stderr
+    assert not (tmp_path / "out" / "results.md").exists()

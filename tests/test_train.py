@@ -301,6 +301,7 @@ def test_rerunning_an_interrupted_sweep_skips_finished_jobs_and_resumes_the_othe
     assert json.loads(done)["status"] == "complete"
     step = load_checkpoint(sweep / "1" / "checkpoints" / "last.pt")["step"]
     events_0 = sorted(p.name for p in (sweep / "0").glob("events.*"))
+    log_0 = (sweep / "0" / "train.log").read_text()
 
     # The same sweep again (job 1 shortened so the test ends).
     proc = run_gvae([*args, f"train.max_steps=20,{step + 5}"], tmp_path)
@@ -308,7 +309,8 @@ def test_rerunning_an_interrupted_sweep_skips_finished_jobs_and_resumes_the_othe
     assert proc.returncode == 0, out
     assert (sweep / "0" / "metrics.json").read_text() == done  # not trained or evaluated again
     assert sorted(p.name for p in (sweep / "0").glob("events.*")) == events_0
-    assert "already finished 20 steps" in (sweep / "0" / "train.log").read_text()
+    assert "already finished 20 steps" in out
+    assert (sweep / "0" / "train.log").read_text() == log_0  # a finished job's folder is left as it was
     assert f"at step {step}" in (sweep / "1" / "train.log").read_text()
     metrics = json.loads((sweep / "1" / "metrics.json").read_text())
     assert metrics["status"] == "complete" and metrics["step"] == step + 5

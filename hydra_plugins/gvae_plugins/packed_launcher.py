@@ -16,6 +16,7 @@ returns its best validation negative ELBO to the sweeper; a job that diverges fa
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,8 @@ class Job:
     cfg: DictConfig
     out_dir: Path
     settings: dict  # what its command line set, for its hparams record
+    folder: Any = None  # its locked gvae.run_folder.RunFolder
+    opened: Any = None  # gvae.train.open_run's decision: (typed config, checkpoint, finished metrics)
 
 
 class PackedLauncher(Launcher):
@@ -60,6 +63,7 @@ class PackedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from gvae.run_folder import signals_raise_stopped
         from gvae.train import command_line_settings
 
         setup_globals()
@@ -76,7 +80,7 @@ class PackedLauncher(Launcher):
             prepared: dict[str, Any] = {}
 
             def prepare(cfg: DictConfig, into: dict = prepared) -> None:
-                """Hydra's own preparation of the job (folder, .hydra/); the training comes later."""
+                """Hydra's own preparation of the job (its folder, its config); training comes later."""
                 out_dir = Path(HydraConfig.get().runtime.output_dir)
                 into.update(out_dir=out_dir, settings=command_line_settings(cfg))
 
@@ -84,90 +88,93 @@ class PackedLauncher(Launcher):
                           job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
                           configure_logging=False)
             jobs.append(Job(ret, ret.cfg, prepared["out_dir"], prepared["settings"]))
-        for pack in plan_packs(jobs, self.max_pack):
-            train_pack([jobs[i] for i in pack])
+        with ExitStack() as folders, signals_raise_stopped():
+            ready = [job for job in jobs if accept(job, folders)]
+            for pack in plan_packs(ready, self.max_pack):
+                train_pack([ready[i] for i in pack])
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return [job.ret for job in jobs]
 
 
+def accept(job: Job, folders: ExitStack) -> bool:
+    """Lock the job's folder and decide, writing nothing, whether it may run there (gvae.train.open_run);
+    then record it as gvae-train records a run. False for a refused job (failed) or a finished one."""
+    from gvae.errors import GvaeError
+    from gvae.run_folder import RunFolder
+    from gvae.train import open_run
+
+    try:
+        job.folder = folders.enter_context(RunFolder(job.out_dir))
+        job.opened = open_run(job.cfg, job.out_dir)
+    except GvaeError as e:
+        fail(job, e)
+        return False
+    done = job.opened[2]
+    if done is not None:  # finished before (train.resume=true): nothing to train or write
+        job.ret.return_value, job.ret.status = done["val_nelbo_best"], JobStatus.COMPLETED
+        return False
+    job.folder.record(job.cfg, job.ret.hydra_cfg.hydra, log_name=None)  # train_pack logs per pack
+    return True
+
+
 def plan_packs(jobs: list[Job], max_pack: int) -> list[list[int]]:
     """Groups of job indices that can train together (gvae.packing.pack_key, the same step), at
-    most max_pack each, in the sweep's order. A job whose config is invalid is failed here."""
-    from gvae.config import validate
-    from gvae.errors import GvaeError
+    most max_pack each, in the sweep's order."""
     from gvae.nets import Net
     from gvae.packing import pack_key
 
     groups: dict[Any, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
-        try:
-            typed = validate(job.cfg)
-        except GvaeError as e:
-            fail(job, e, record=False)
-            continue
+        typed, saved, _ = job.opened
         if Net(typed.model.net) is not Net.mlp:
             groups["alone", i].append(i)
             continue
-        groups[pack_key(typed), resume_step(typed, job.out_dir)].append(i)
+        groups[pack_key(typed), saved["step"] if saved else 0].append(i)
     return [group[k : k + max_pack] for group in groups.values() for k in range(0, len(group), max_pack)]
 
 
-def resume_step(cfg: Any, out_dir: Path) -> Any:
-    """The step a job starts from: its checkpoint's when resuming ("done" when it has finished)."""
-    from gvae.checkpoint import load_checkpoint
-    from gvae.train import finished_metrics
+def fail(job: Job, error: BaseException) -> None:
+    """The job's one-line message, its failed.json once it owns its folder, and Hydra's record."""
+    from gvae.errors import JobFailed
+    from gvae.run_folder import describe_failure, write_failure
 
-    if not cfg.train.resume:
-        return 0
-    if finished_metrics(out_dir, cfg.train.max_steps) is not None:
-        return "done"
-    path = out_dir / "checkpoints" / "last.pt"
-    return load_checkpoint(path)["step"] if path.exists() else 0
-
-
-def fail(job: Job, error: Exception, record: bool) -> None:
-    from gvae.files import write_json
-
-    log.error("%s: %s", job.out_dir, error)
-    if record:  # a wrong command (bad value, another run's checkpoint) writes nothing but Hydra's files
-        message = f"{type(error).__name__}: {error}"
-        write_json(job.out_dir / "failed.json", {"status": "failed", "error": message})
-    job.ret.return_value = error
+    status, message, _ = describe_failure(error, job.out_dir)
+    log.error("%s: %s", job.out_dir, message)
+    if job.folder is not None and job.folder.recorded:
+        write_failure(job.out_dir, status, message, error)
+    number = job.ret.hydra_cfg.hydra.job.num
+    job.ret.return_value = JobFailed(f"job {number} ({job.out_dir}) failed: {message}")
     job.ret.status = JobStatus.FAILED
 
 
 def train_pack(jobs: list[Job]) -> None:
-    """Train these jobs together; each job's log lines also go to its own train.log."""
-    from gvae.errors import CheckpointError, ConfigError, GvaeError, Interrupted, NonFiniteError
+    """Train these jobs together; each job's log lines (the pack's) also go to its own train.log."""
+    from gvae.errors import GvaeError, Interrupted, NonFiniteError, Stopped
+    from gvae.run_folder import describe_failure, log_file
     from gvae.train import train_runs
 
-    handlers = [logging.FileHandler(job.out_dir / "train.log") for job in jobs]
     root = logging.getLogger()
+    handlers = [log_file(job.out_dir / f"{job.ret.hydra_cfg.hydra.job.name}.log") for job in jobs]
     for handler in handlers:
-        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
         root.addHandler(handler)
     try:
         results = train_runs([job.cfg for job in jobs], [job.out_dir for job in jobs],
-                             [job.settings for job in jobs])
-    except Interrupted as e:
-        from gvae.files import write_json
-
+                             [job.settings for job in jobs], [job.opened for job in jobs])
+        for job, result in zip(jobs, results, strict=True):
+            if isinstance(result, NonFiniteError):  # its failed.json is written
+                fail(job, result)
+            else:
+                (job.out_dir / "failed.json").unlink(missing_ok=True)  # a resumed run that failed before
+                job.ret.return_value = result["val_nelbo_best"]
+                job.ret.status = JobStatus.COMPLETED
+    except (Interrupted, Stopped, KeyboardInterrupt) as e:
         for job in jobs:
-            write_json(job.out_dir / "failed.json", {"status": "interrupted", "error": str(e)})
-        raise SystemExit(128 + e.signum) from None  # the machine is going away: the sweep stops too
-    except GvaeError as e:
+            fail(job, e)
+        raise SystemExit(describe_failure(e, jobs[0].out_dir)[2]) from None  # the sweep stops too
+    except (GvaeError, OSError) as e:
         for job in jobs:
-            fail(job, e, record=not isinstance(e, (ConfigError, CheckpointError)))
-        return
+            fail(job, e)
     finally:
         for handler in handlers:
             root.removeHandler(handler)
             handler.close()
-    for job, result in zip(jobs, results, strict=True):
-        if isinstance(result, NonFiniteError):  # its failed.json is written
-            job.ret.return_value = result
-            job.ret.status = JobStatus.FAILED
-        else:
-            (job.out_dir / "failed.json").unlink(missing_ok=True)  # a resumed run that failed before
-            job.ret.return_value = result["val_nelbo_best"]
-            job.ret.status = JobStatus.COMPLETED

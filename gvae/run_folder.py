@@ -1,0 +1,165 @@
+"""A run's folder, owned by one process at a time: locked, checked, then recorded.
+
+Left to itself, Hydra writes `.hydra/` and opens `train.log` in the folder before gvae sees the
+config, so a refused run (another run's checkpoint there, a typo) would already have rewritten the
+record of the results in it. gvae turns both off (`hydra.output_subdir: null`, train.log's handler
+in configs/config.yaml) and writes them itself once the folder is the run's to write: its lock
+taken, its config valid, a checkpoint there compatible. A refused run leaves the folder byte for
+byte as it was.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gvae.errors import GvaeError, Interrupted, Stopped
+from gvae.files import atomic_write, write_json
+
+log = logging.getLogger(__name__)
+
+HOLDER = "running.json"  # who holds the lock: for the message of a run that finds it taken
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
+
+
+def log_file(path: Path) -> logging.Handler:
+    """A handler writing the log to `path` (appending: a resumed run continues its log) as Hydra does."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    return handler
+
+
+class FolderBusy(GvaeError):
+    """Another live process holds the run folder; the message names the folder and the holder."""
+
+
+class RunFolder:
+    """Use as a context manager: the folder's exclusive lock for the block. The lock is flock(2) on
+    the folder itself, so taking it writes nothing, and the operating system releases it when the
+    process dies, however it dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+        self._handler: logging.Handler | None = None
+        self.recorded = False
+
+    def __enter__(self) -> RunFolder:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderBusy(f"{self.path} is in use by another run ({self.holder()}): one run per "
+                             "folder at a time. Wait for it to end, or choose another folder "
+                             "(hydra.run.dir, or hydra.sweep.dir for a sweep).") from None
+        self._fd = fd
+        return self
+
+    def holder(self) -> str:
+        try:
+            info = json.loads((self.path / HOLDER).read_text())
+            return (f"process {info['pid']} on {info['host']}, started {info['started']}: "
+                    f"{' '.join(info['command'])}")
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has not yet said which"
+
+    def record(self, task_cfg: DictConfig, hydra_cfg: DictConfig | None,
+               log_name: str | None = "train") -> None:
+        """The run is accepted: write the holder, Hydra's record of the config (`.hydra/config.yaml`,
+        `hydra.yaml`, `overrides.yaml`, as Hydra writes them) and send the log to `LOG_NAME.log` until
+        the folder is released (None: the caller does, as the packed launcher does per pack)."""
+        write_json(self.path / HOLDER, {"pid": os.getpid(), "host": socket.gethostname(),
+                                        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                        "command": [Path(sys.argv[0]).name, *sys.argv[1:]]})
+        hydra_dir = self.path / ".hydra"
+        hydra_dir.mkdir(exist_ok=True)
+        files: dict[str, Any] = {"config.yaml": task_cfg}
+        if hydra_cfg is not None:
+            files["hydra.yaml"] = OmegaConf.create({"hydra": hydra_cfg})
+            files["overrides.yaml"] = hydra_cfg.overrides.task
+        for name, node in files.items():
+            text = OmegaConf.to_yaml(node)
+            atomic_write(hydra_dir / name, lambda f, text=text: f.write(text.encode()))
+        self.recorded = True
+        if log_name is not None:
+            self._handler = log_file(self.path / f"{log_name}.log")
+            logging.getLogger().addHandler(self._handler)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+        if self.recorded:
+            (self.path / HOLDER).unlink(missing_ok=True)
+        elif not any(self.path.iterdir()):
+            self.path.rmdir()  # refused in a folder made for it: nothing to keep
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# -----------------------------------------------------------------------------
+# how a run ends when it cannot finish
+
+
+@contextmanager
+def signals_raise_stopped() -> Iterator[None]:
+    """SIGTERM and SIGINT raise Stopped for the block, so that a signal during start-up or the final
+    evaluation still ends with the run's message and record (the training loop defers them further,
+    to checkpoint first). Only the main thread may set handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+def describe_failure(error: BaseException, out_dir: Path) -> tuple[str, str, int]:
+    """(status for failed.json, the one-line message, the exit status) of a run ended by `error`."""
+    checkpoint = out_dir / "checkpoints" / "last.pt"
+    kept = f"{checkpoint} is kept" if checkpoint.is_file() else "no checkpoint had been written"
+    if isinstance(error, Interrupted):  # the loop's: it says what it saved
+        return "interrupted", str(error), 128 + error.signum
+    if isinstance(error, (Stopped, KeyboardInterrupt)):
+        signum = getattr(error, "signum", signal.SIGINT)
+        return "interrupted", (f"{signal.Signals(signum).name} outside the training loop (start-up or "
+                               f"the final evaluation); {kept}. Run the same command with "
+                               "train.resume=true to continue."), 128 + signum
+    if isinstance(error, OSError):
+        where = f"{error.filename}: " if error.filename else ""
+        return "failed", (f"file system error: {where}{error.strerror or error}; {kept}. Free space or "
+                          "fix the folder's permissions, then run again with train.resume=true."), 1
+    return "failed", str(error), 1
+
+
+def write_failure(out_dir: Path, status: str, message: str, error: BaseException) -> None:
+    """failed.json: what happened ("ErrorClass: message"), and what was kept. If even that cannot be
+    written (a full disk), the message has been logged and printed: all there is left to do."""
+    try:
+        write_json(out_dir / "failed.json", {"status": status, "error": f"{type(error).__name__}: {message}"})
+    except OSError as e:
+        log.error("could not write %s either: %s", out_dir / "failed.json", e)

@@ -1,0 +1,196 @@
+"""docs/robustness.md's faults that end a run: one folder per run, a refused run that changes
+nothing, and every failure of a run ending with one message, a status and failed.json."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import gvae.train
+from tests.conftest import SYNTHETIC, gvae_train
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file in the folder, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def run_main(args: list[str], monkeypatch) -> int | None:
+    """gvae-train ARGS in this process (so that a fault can be injected); its exit status."""
+    monkeypatch.setattr(sys, "argv", ["gvae-train", *args])
+    try:
+        gvae.train.main()
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def no_temporary_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if p.name.endswith((".tmp", ".partial"))]
+
+
+# -----------------------------------------------------------------------------
+# a run's record always describes its results
+
+
+@pytest.mark.slow
+def test_a_refused_resume_leaves_the_folder_byte_for_byte_as_it_was(tmp_path):
+    run = tmp_path / "run"
+    assert gvae_train([*SYNTHETIC, f"hydra.run.dir={run}"], tmp_path).returncode == 0
+    before = snapshot(run)
+    assert {".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.json", "train.log"} <= set(before)
+    # The sweep resumed with a typo: another estimator in the same folder.
+    result = gvae_train([*SYNTHETIC, "estimator=st_gumbel_softmax", "train.max_steps=80", "train.resume=true",
+                         f"hydra.run.dir={run}"], tmp_path)
+    assert result.returncode == 1
+    assert "estimator.name: 'gumbel_softmax' in the checkpoint, 'st_gumbel_softmax' now" in result.stdout
+    assert f"refused: {run} is left as it was" in result.stdout and "Traceback" not in result.stdout
+    assert snapshot(run) == before
+
+
+# -----------------------------------------------------------------------------
+# one run per folder
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_folder_stops_at_once_naming_the_folder_and_the_holder(tmp_path):
+    run = tmp_path / "run"
+    long = [o for o in SYNTHETIC if not o.startswith("train.max_steps")] + ["train.max_steps=1000000"]
+    first = gvae_train([*long, f"hydra.run.dir={run}"], tmp_path, wait=False)
+    deadline = time.monotonic() + 120
+    while not (run / "train.log").is_file() or "device cpu" not in (run / "train.log").read_text():
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.2)
+    try:
+        before = snapshot(run / ".hydra")
+        second = gvae_train([*SYNTHETIC, f"hydra.run.dir={run}"], tmp_path)
+        assert second.returncode == 1
+        assert f"{run} is in use by another run (process {first.pid} on " in second.stdout
+        assert "Traceback" not in second.stdout
+        assert snapshot(run / ".hydra") == before  # the first run's record is untouched
+        assert first.poll() is None  # and the first run goes on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert first.returncode == 128 + signal.SIGTERM
+    assert not (run / "running.json").exists()  # the holder's note goes with the holder
+    # Killed outright, a holder's lock goes with the process: the folder is free again.
+    third = gvae_train([*long, f"hydra.run.dir={run}", "train.resume=true"], tmp_path, wait=False)
+    while not (run / "running.json").is_file():
+        assert third.poll() is None, third.communicate()[0]
+        time.sleep(0.1)
+    third.kill()
+    third.communicate(timeout=60)
+    assert gvae_train([*SYNTHETIC, f"hydra.run.dir={run}", "train.resume=true", "train.max_steps=1000"],
+                      tmp_path).returncode == 0
+
+
+def test_runs_started_in_the_same_second_get_different_default_folders(tmp_path):
+    # The default folders are the time to the second, then the process id: processes started in
+    # the same second differ by the id.
+    code = ("import os; from hydra import compose\n"
+            "from gvae.config import hydra_initialized, register_configs\nregister_configs()\n"
+            "with hydra_initialized():\n"
+            "    cfg = compose(config_name='config', return_hydra_config=True)\n"
+            "    print(os.getpid(), cfg.hydra.run.dir, cfg.hydra.sweep.dir)")
+    for _ in range(2):
+        pid, run_dir, sweep_dir = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                                 check=True, cwd=tmp_path).stdout.split()
+        assert run_dir.startswith("outputs/runs/") and run_dir.endswith(f"-{pid}")
+        assert sweep_dir.startswith("outputs/multirun/") and sweep_dir.endswith(f"-{pid}")
+
+
+# -----------------------------------------------------------------------------
+# every failure of a run: one message, a status, failed.json
+
+
+@pytest.mark.slow
+def test_an_unwritable_checkpoints_folder_fails_with_one_message_and_a_record(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").write_text("a file where the folder should be")
+    result = gvae_train([*SYNTHETIC, f"hydra.run.dir={run}"], tmp_path)
+    assert result.returncode == 1
+    assert "file system error" in result.stdout and "checkpoints" in result.stdout
+    assert "Traceback" not in result.stdout
+    failed = json.loads((run / "failed.json").read_text())
+    assert failed["status"] == "failed" and "file system error" in failed["error"]
+    assert no_temporary_files(run)
+
+
+def test_a_full_disk_at_a_checkpoint_fails_with_one_message_and_a_record(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def disk_full(path, state):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(gvae.train.ckpt, "save_checkpoint", disk_full)
+    assert run_main([*SYNTHETIC, f"hydra.run.dir={run}"], monkeypatch) == 1
+    failed = json.loads((run / "failed.json").read_text())
+    assert failed["status"] == "failed"
+    assert "No space left on device" in failed["error"]
+    assert "no checkpoint had been written" in failed["error"]
+    assert no_temporary_files(run)
+
+
+@pytest.mark.parametrize("where", ["start-up", "final evaluation"])
+def test_an_interrupt_outside_the_training_loop_ends_with_a_record(tmp_path, monkeypatch, where):
+    run = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C
+
+    target = "load_splits" if where == "start-up" else "evaluate"
+    monkeypatch.setattr(gvae.train, target, interrupted)
+    assert run_main([*SYNTHETIC, f"hydra.run.dir={run}"], monkeypatch) == 128 + signal.SIGINT
+    failed = json.loads((run / "failed.json").read_text())
+    assert failed["status"] == "interrupted" and "SIGINT outside the training loop" in failed["error"]
+    kept = (run / "checkpoints" / "last.pt").is_file()
+    assert kept == (where == "final evaluation")
+    assert ("last.pt is kept" in failed["error"]) == kept
+    assert not (run / "running.json").exists() and no_temporary_files(run)
+
+
+def test_a_failed_multirun_job_is_reported_in_one_line_and_the_others_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = gvae_train(["-m", *SYNTHETIC, "optim.betas=[2,3],[0.9,0.999]", f"hydra.sweep.dir={sweep}"],
+                        tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout
+    assert "job 0 (" in result.stdout and "optim.betas=[2.0, 3.0] is not allowed" in result.stdout
+    assert json.loads((sweep / "1" / "metrics.json").read_text())["status"] == "complete"
+
+
+# -----------------------------------------------------------------------------
+# machine-readable outputs
+
+
+def strict_json(path: Path) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"{path} holds {constant}, which strict JSON does not allow")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_records_are_strict_json_and_keep_their_meaning_after_a_resume(tmp_path):
+    from gvae.files import write_json
+    from gvae.train import train
+    from tests.conftest import compose_config
+
+    write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.0]})
+    assert strict_json(tmp_path / "x.json") == {"a": None, "b": [None, 1.0]}
+
+    run = tmp_path / "run"
+    first = train(compose_config([*SYNTHETIC, "train.max_steps=20"]), run)
+    second = train(compose_config([*SYNTHETIC, "train.max_steps=40", "train.resume=true"]), run)
+    metrics = strict_json(run / "metrics.json")
+    assert metrics["step"] == 40 and metrics["val_curve"][0][0] == 20  # the whole curve
+    # wall_seconds is the whole run's (both processes), not the last process's
+    assert metrics["wall_seconds"] == second["wall_seconds"] > first["wall_seconds"]
