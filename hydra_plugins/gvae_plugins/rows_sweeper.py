@@ -40,16 +40,19 @@ def key_of(override: str) -> str:
 
 
 def cross(jobs: list[list[str]], rows: list[str]) -> list[list[str]]:
-    """Every job once per row (the row's overrides replacing the job's for the same keys)."""
+    """Every job once per row (the row's overrides replacing the job's for the same keys), each
+    distinct job once: a swept key that a row sets (an experiment's inherited `estimator` list, say)
+    would otherwise launch the same run once per value it replaced."""
     if not rows:
         return jobs
-    crossed = []
+    crossed: dict[frozenset[str], list[str]] = {}
     for job in jobs:
         for row in rows:
             extra = row.split()
             keys = {key_of(o) for o in extra}
-            crossed.append([o for o in job if key_of(o) not in keys] + extra)
-    return crossed
+            new = [o for o in job if key_of(o) not in keys] + extra
+            crossed.setdefault(frozenset(new), new)  # the first occurrence keeps its place
+    return list(crossed.values())
 
 
 class RowsSweeper(BasicSweeper):
