@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -147,7 +148,9 @@ def figure(record: dict, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", type=Path, help="a finished run folder")
+    parser.add_argument("run", type=Path, nargs="?", help="a finished run folder")
+    parser.add_argument("--render", action="store_true",
+                        help="only write study.md and study.png again from OUT/study.json")
     parser.add_argument("--out", type=Path, required=True, help="where study.md, study.json, study.png go")
     parser.add_argument("--estimators", nargs="+", default=sorted(ESTIMATORS), help="default: all registered")
     parser.add_argument("--draws", type=int, default=200)
@@ -160,10 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(args.estimators) - set(ESTIMATORS))
     if unknown:
         parser.error(f"unknown estimators {unknown}; registered: {sorted(ESTIMATORS)}")
-    record = study(args.run, args.estimators, args.draws, args.batch, args.taus, args.max_codes,
-                   args.reference_draws, args.seed)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "study.json", record)
+    if args.render:
+        record = json.loads((args.out / "study.json").read_text())
+    elif args.run is None:
+        parser.error("a run folder, or --render with --out holding a study.json")
+    else:
+        record = study(args.run, args.estimators, args.draws, args.batch, args.taus, args.max_codes,
+                       args.reference_draws, args.seed)
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json(args.out / "study.json", record)
     text = markdown(record)
     atomic_write(args.out / "study.md", lambda f: f.write(text.encode()))
     figure(record, args.out / "study.png")
