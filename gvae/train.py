@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import torch
@@ -552,14 +552,13 @@ def main(cfg: DictConfig) -> float:
                 end_run(folder, e, job_num)  # logged while train.log is open
     except FolderBusy as e:
         end_run(folder, e, job_num)
-    raise AssertionError("unreachable")
 
 
 def run_in(folder: RunFolder, cfg: DictConfig, hydra_cfg: DictConfig) -> float:
     """The run in its locked folder: refused (nothing written), skipped (already finished: nothing
     written), or recorded and trained."""
     typed, saved, done = open_run(cfg, folder.path)
-    if done is not None:
+    if done is not None:  # nothing in its folder changes
         return done["val_nelbo_best"]
     folder.record(cfg, hydra_cfg, hydra_cfg.job.name)
     (result,) = train_runs([cfg], [folder.path], opened=[(typed, saved, done)])
@@ -569,7 +568,7 @@ def run_in(folder: RunFolder, cfg: DictConfig, hydra_cfg: DictConfig) -> float:
     return result["val_nelbo_best"]
 
 
-def end_run(folder: RunFolder, error: BaseException, job_num: int | None) -> None:
+def end_run(folder: RunFolder, error: BaseException, job_num: int | None) -> NoReturn:
     """One message, failed.json if the run owns its folder, then the exit: a non-zero status, or in a
     multirun Hydra's record of a failed job (the other jobs go on; an interrupt stops the sweep)."""
     status, message, code = describe_failure(error, folder.path)
