@@ -194,3 +194,19 @@ def test_records_are_strict_json_and_keep_their_meaning_after_a_resume(tmp_path)
     assert metrics["step"] == 40 and metrics["val_curve"][0][0] == 20  # the whole curve
     # wall_seconds is the whole run's (both processes), not the last process's
     assert metrics["wall_seconds"] == second["wall_seconds"] > first["wall_seconds"]
+
+
+def test_a_ctrl_c_outside_a_run_ends_with_one_line_and_status_130(monkeypatch, capsys):
+    import types
+
+    from gvae import cli
+
+    def interrupted_start_up():
+        raise KeyboardInterrupt  # Ctrl-C while torch imports or Hydra composes
+
+    monkeypatch.setitem(sys.modules, "slow_to_start", types.SimpleNamespace(main=interrupted_start_up))
+    monkeypatch.setattr(sys, "argv", ["gvae-train"])
+    with pytest.raises(SystemExit) as exit_:
+        cli._run("slow_to_start")
+    assert exit_.value.code == 130
+    assert capsys.readouterr().err == "gvae-train: interrupted\n"
