@@ -49,6 +49,7 @@ class CounterRNG:
         self.step = torch.tensor(step, dtype=torch.int64, device=device)
         self.draw = 0
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
+        self._golden = torch.tensor(_GOLDEN, dtype=torch.int64, device=device)
 
     def start_step(self) -> None:
         self.draw = 0
@@ -64,7 +65,10 @@ class CounterRNG:
         rest = shape[lead:]
         if rest not in self._index:  # the element index, pre-multiplied: the same every step
             index = torch.arange(math.prod(rest), dtype=torch.int64, device=self.seeds.device)
-            self._index[rest] = index.view(rest) * _GOLDEN
+            # By a tensor made outside any compiled code, not by the Python constant: Inductor would
+            # fold arange * constant into an index expression that it evaluates without wrapping
+            # at 2^64, and fail ("too big to convert to int64_t").
+            self._index[rest] = index.view(rest) * self._golden
         key = mix(mix(self.seeds * _GOLDEN + self.step) + self.draw)
         self.draw += 1
         key = key.view(*key.shape, *[1] * len(rest))
