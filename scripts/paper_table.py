@@ -172,7 +172,8 @@ def job_record(folder: Path, sweep_name: str, sweep_dir: Path) -> dict[str, Any]
         "setting": sorted(o for o in overrides if in_setting(o)),
         "config": {k: v for k, v in sorted(flat.items()) if k not in WHERE_DATA_IS
                    and any(k == r or k.startswith(r + ".") for r in RUN_KEYS)},
-        "status": status, "error": error,
+        # Relative to the sweep, like "job": a committed record names no folder of this machine.
+        "status": status, "error": error and error.replace(str(sweep_dir.resolve()), sweep_name),
         "metrics": {k: metrics.get(k) for k in METRICS} if metrics else None,
         "eval": {k: evaluation[k] for k in EVAL if k in evaluation} if evaluation else None,
         "val_curve": metrics.get("val_curve") if metrics else None,
