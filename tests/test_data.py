@@ -292,16 +292,6 @@ def test_gvae_train_without_network_or_data_stops_with_the_data_message_only(no_
 # data faults
 
 
-@pytest.fixture
-def gz_copy(mnist_root: Path, tmp_path: Path) -> Path:
-    """A writable MNIST/raw/ holding copies of the four .gz files only; returns that folder."""
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in IDX_FILES:
-        (raw / f"{name}.gz").write_bytes((mnist_root / "MNIST" / "raw" / f"{name}.gz").read_bytes())
-    return raw
-
-
 def raw_bytes(mnist_root: Path, name: str) -> bytes:
     """The real decompressed IDX file `name`."""
     return gzip.decompress((mnist_root / "MNIST" / "raw" / f"{name}.gz").read_bytes())
