@@ -35,7 +35,7 @@ def compare(packed_dir: Path, single_dir: Path, exact: bool, atol: float = 1e-5)
         for key, value in single[part].items():
             if exact:
                 assert torch.equal(packed[part][key], value), (part, key)
-            else:  # the rescaled step of a run off the pack's learning rate: rounding only
+            else:  # rounding only (a rescaled step, or a resumed pack's drift; see the callers)
                 torch.testing.assert_close(packed[part][key].float(), value.float(), rtol=1e-4, atol=atol)
     for key in ("val_nelbo", "val_nelbo_best", "test_nelbo", "test_bound"):
         assert a[key] == b[key] if exact else a[key] == pytest.approx(b[key], abs=1e-3), key
@@ -112,7 +112,8 @@ def test_a_killed_packed_sweep_resumes_packed_or_alone_to_the_same_numbers(tmp_p
     such a drift, so the run is short (about 130 steps after the kill) and the tolerance,
     1e-4 on parameters and 1e-3 nats on figures, sits far below a wrong resume's error: one
     missed, repeated or reordered step moves most weights by about the learning rate (1e-3)."""
-    steps = "train.max_steps=150"
+    max_steps = 150
+    steps = f"train.max_steps={max_steps}"
     straight = tmp_path / "straight"
     result = gvae_train([*SWEEP, steps, f"hydra.sweep.dir={straight}"], tmp_path)
     assert result.returncode == 0, result.stdout[-2000:]
@@ -128,7 +129,7 @@ def test_a_killed_packed_sweep_resumes_packed_or_alone_to_the_same_numbers(tmp_p
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
     steps_saved = {load_checkpoint(sweep / str(i) / "checkpoints" / "last.pt")["step"] for i in range(4)}
-    assert len(steps_saved) == 1 and 0 < steps_saved.pop() < 150  # every run saved, at the same step
+    assert len(steps_saved) == 1 and 0 < steps_saved.pop() < max_steps  # every run saved, at the same step
     # Job 0 (seed 0, lr 1e-3, the pack's learning rate) resumed alone, by a plain gvae-train, then
     # the three others resumed packed.
     job = sweep / "0"
