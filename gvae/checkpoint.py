@@ -13,27 +13,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
-from gvae.config import config_from_dict, container, flatten
+from gvae.config import Config, config_from_dict, container, flatten
 from gvae.data import BatchSampler
 from gvae.errors import CheckpointError, ConfigError
-from gvae.estimators import Estimator
 from gvae.files import atomic_write
-from gvae.model import VAE
+from gvae.roles import keys_with
 
 log = logging.getLogger(__name__)
 
 KEYS = ("model", "estimator", "optimizer", "sampler", "rng", "step", "val_nelbo_best", "config")
-# The config keys that say what a checkpoint's tensors and random streams mean. The others
-# (max_steps, cadences, evaluation, device, step mode, where the data lives) may change when a run
-# is resumed.
-RUN_KEYS = ("data", "model", "estimator", "schedule", "optim", "seed", "train.batch_size", "train.precision")
-RESUMABLE_KEYS = ("data.root", "data.download", "data.mirrors")
 
 
-def state(model: VAE, estimator: Estimator, optimizer: torch.optim.Optimizer, sampler: BatchSampler,
-          device: torch.device, step: int, val_nelbo_best: float, val_curve: list[list[float]],
-          config: dict[str, Any], wall_seconds: float = 0.0) -> dict[str, Any]:
+def state(model: torch.nn.Module, estimator: torch.nn.Module, optimizer: torch.optim.Optimizer,
+          sampler: BatchSampler, device: torch.device, step: int, val_nelbo_best: float,
+          val_curve: list[list[float]], config: dict[str, Any], wall_seconds: float = 0.0) -> dict[str, Any]:
     """Everything a resumed run needs to continue exactly: one dict."""
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
@@ -44,8 +39,8 @@ def state(model: VAE, estimator: Estimator, optimizer: torch.optim.Optimizer, sa
             "wall_seconds": wall_seconds}  # the run's time so far, over every process that trained it
 
 
-def restore(saved: dict[str, Any], model: VAE, estimator: Estimator, optimizer: torch.optim.Optimizer,
-            sampler: BatchSampler, device: torch.device) -> None:
+def restore(saved: dict[str, Any], model: torch.nn.Module, estimator: torch.nn.Module,
+            optimizer: torch.optim.Optimizer, sampler: BatchSampler, device: torch.device) -> None:
     """Load a checkpoint's tensors and random states into freshly built components."""
     model.load_state_dict(saved["model"])
     estimator.load_state_dict(saved["estimator"])
@@ -138,10 +133,12 @@ def _check_entries(path: Path, state: dict[str, Any]) -> None:
                                       "saved so; the file is damaged")
 
 
-def run_defining(flat: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a flattened config that say what a run's results mean (RUN_KEYS)."""
-    return {k: v for k, v in flat.items()
-            if k not in RESUMABLE_KEYS and any(k == r or k.startswith(r + ".") for r in RUN_KEYS)}
+def run_defining(cfg: Config | DictConfig) -> dict[str, Any]:
+    """{key: value} of the keys that say what a checkpoint's tensors and random streams mean (their
+    role defines the run, gvae/roles.py); the others (the length, cadences, evaluation, device,
+    step mode, where the data are) may change when a run is resumed."""
+    typed = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+    return keys_with(typed, flatten(container(typed)), "defines_run")
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
@@ -158,10 +155,10 @@ def check_compatible(path: Path, saved: dict[str, Any], config: dict[str, Any]) 
     saved config is typed again first, so keys added to gvae since it was written count as their
     defaults."""
     try:
-        old = flatten(container(config_from_dict(saved)))
+        old, new = config_from_dict(saved), config_from_dict(config)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    differ = config_differences(run_defining(old), run_defining(flatten(config)))
+    differ = config_differences(run_defining(old), run_defining(new))
     if differ:
         details = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in differ)
         raise CheckpointError(

@@ -31,3 +31,7 @@ def evaluate() -> None:
 
 def sample() -> None:
     _run("gvae.sample")
+
+
+def table() -> None:
+    _run("gvae.table")

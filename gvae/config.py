@@ -1,8 +1,9 @@
 """The run's configuration: the root schema, the schemas of the train/eval/optim groups, their
 registration with Hydra, and `validate`, which turns a composed config into typed objects.
 
-Each component owns the schema of its group (data.py, mnist.py, synthetic.py, model.py,
-schedules.py, estimators.py); this module assembles them. Hydra merges the YAML files in configs/
+Each component owns the schema of its group (data.py, mnist.py, synthetic.py, tasks/, model.py,
+schedules.py, estimators.py), and each field says what its key means to a run (roles.py); this
+module assembles them. Hydra merges the YAML files in configs/
 onto the schemas, so a misspelt key or a value of the wrong type stops the program at start-up
 with the key's full name; `validate` adds the range checks a type cannot express and returns the
 config as plain dataclasses, so that nothing after start-up reads through OmegaConf.
@@ -33,8 +34,10 @@ from gvae.errors import ConfigError, require
 from gvae.estimators import ESTIMATORS, EstimatorConfig, estimator_help
 from gvae.mnist import MNISTConfig
 from gvae.model import ModelConfig
+from gvae.roles import CADENCE, DEVICE, EVALUATION, EXECUTION, LENGTH, SEED, per_run, role_field
 from gvae.schedules import SCHEDULES, ScheduleConfig
 from gvae.synthetic import SyntheticConfig
+from gvae.tasks import TASKS, TaskConfig
 
 DATASETS = {"mnist": MNISTConfig, "synthetic": SyntheticConfig}
 
@@ -54,14 +57,14 @@ class StepMode(str, Enum):
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 50_000
+    max_steps: int = role_field(LENGTH, 50_000)
     batch_size: int = 100
-    log_every: int = 100
-    eval_every: int = 5_000
-    ckpt_every: int = 10_000
+    log_every: int = role_field(CADENCE, 100)
+    eval_every: int = role_field(CADENCE, 5_000)
+    ckpt_every: int = role_field(CADENCE, 10_000)
     precision: Precision = Precision.fp32
-    compile: StepMode = StepMode.auto
-    resume: bool = False  # continue from this run folder's checkpoints/last.pt
+    compile: StepMode = role_field(EXECUTION, StepMode.auto)
+    resume: bool = role_field(EXECUTION, False)  # continue from this run folder's checkpoints/last.pt
 
     def check(self, key: str) -> None:
         for name in ("max_steps", "batch_size", "log_every", "eval_every", "ckpt_every"):
@@ -106,7 +109,7 @@ class OptimConfig:
 
     _target_: str = MISSING
     _partial_: bool = True
-    lr: float = 1e-3
+    lr: float = per_run(1e-3)
     weight_decay: float = 0.0
 
     def check(self, key: str) -> None:
@@ -150,22 +153,26 @@ class SGDConfig(OptimConfig):
 @dataclass
 class Config:
     data: DataConfig = MISSING
+    task: TaskConfig = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
     estimator: EstimatorConfig = MISSING
     schedule: ScheduleConfig = MISSING
     optim: OptimConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    diag: DiagConfig = field(default_factory=DiagConfig)
-    seed: int = 0
-    device: str = "auto"
+    eval: EvalConfig = role_field(EVALUATION, default_factory=EvalConfig)
+    diag: DiagConfig = role_field(CADENCE, default_factory=DiagConfig)
+    seed: int = role_field(SEED, 0)
+    device: str = role_field(DEVICE, "auto")
 
     def check(self) -> None:
         """Every range check, each group's own first; ConfigError naming the first bad key."""
         require(DATASETS.get(self.data.name) is type(self.data), "data.name", self.data.name,
                 f"one of {sorted(DATASETS)}, chosen with data=NAME")
         self.data.check("data")
+        require(TASKS.get(self.task.name) is not None and isinstance(self.task, TASKS[self.task.name].config),
+                "task.name", self.task.name, f"one of {sorted(TASKS)}, chosen with task=NAME")
         self.model.check("model", list(self.data.image_shape))
+        self.task.check("task", self.model, list(self.data.image_shape))
         self.estimator.check("estimator")
         self.estimator.check_latent("estimator", self.model.latent.value)
         self.schedule.check("schedule")
@@ -197,7 +204,8 @@ def register_configs() -> None:
     The estimators' schemas are stored by their @register."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
-    for group, options in (("data", DATASETS), ("schedule", SCHEDULES),
+    tasks = {name: cls.config for name, cls in TASKS.items()}
+    for group, options in (("data", DATASETS), ("task", tasks), ("schedule", SCHEDULES),
                            ("optim", {"adam": AdamConfig, "sgd": SGDConfig})):
         for name, node in options.items():
             cs.store(group=group, name=f"{name}_schema", node=node)
@@ -329,7 +337,9 @@ def config_from_dict(values: dict[str, Any]) -> DictConfig:
 
     schemas = {"data": DATASETS, "estimator": {n: c.config for n, c in ESTIMATORS.items()},
                "schedule": SCHEDULES, "optim": OPTIMIZERS}
+    # A run saved before tasks existed is the VAE's.
     schema = Config(data=pick(DATASETS, "data", "name", "mnist"),
+                    task=pick({n: c.config for n, c in TASKS.items()}, "task", "name", "vae"),
                     estimator=pick(schemas["estimator"], "estimator", "name"),
                     schedule=pick(SCHEDULES, "schedule", "name"), optim=pick(OPTIMIZERS, "optim", "_target_"))
     names = [f.name for f in dataclasses.fields(Config)]

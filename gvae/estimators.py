@@ -1,14 +1,15 @@
 """Gradient estimators for discrete latents, behind one interface, each with its typed options.
 
-An estimator gets the encoder's logits, the temperature and `f`, the per-example loss as a
-function of a code (the reconstruction NLL). It returns a surrogate whose mean has the
+An estimator gets a stochastic layer's logits (the VAE's encoder's), the temperature and `f`, the
+per-example loss as a function of a code (the VAE's reconstruction NLL; for a deeper layer of the
+SBN, the rest of the network, gvae/tasks/sbn.py). It returns a surrogate whose mean has the
 estimator's gradient, and f's value at the sample. Adding an estimator is one class here (or in
 any imported module) and one configs/estimator/NAME.yaml:
 
     @dataclass
     class MyConfig(EstimatorConfig):          # its options, typed, with their defaults
         name: str = "mine"
-        scale: float = 1.0
+        scale: float = per_run(1.0)           # per_run: the runs of one pack may differ in it
 
     @register(MyConfig)
     class Mine(Estimator): ...                # self.cfg is a MyConfig
@@ -30,6 +31,7 @@ from torch import nn
 
 from gvae.errors import require
 from gvae.latents import Bernoulli, Latent
+from gvae.roles import per_run
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -214,8 +216,8 @@ class ScoreFunctionOptions(EstimatorConfig):
     Mnih & Gregor) and `min_var`: the scale is 1 / sqrt(max(var, min_var)); 1.0 gives Mnih &
     Gregor's 1 / max(1, std)."""
 
-    decay: float = 0.8
-    min_var: float = 1.0
+    decay: float = per_run(0.8)
+    min_var: float = per_run(1.0)
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -375,7 +377,8 @@ class MuProp(ScoreFunctionBase):
 class ReinMaxConfig(EstimatorConfig):
     name: str = "reinmax"
     uses_temperature: ClassVar[bool] = True
-    tau: float | None = 1.0  # ReinMax's own temperature (its authors use tau >= 1); null: the schedule's
+    # ReinMax's own temperature (its authors use tau >= 1); null: the schedule's
+    tau: float | None = per_run(1.0)
 
 
 @register(ReinMaxConfig)
@@ -440,7 +443,7 @@ class GumbelRao(Reparameterized):
 class GappedSTConfig(EstimatorConfig):
     name: str = "gapped_st"
     uses_temperature: ClassVar[bool] = True
-    gap: float = 1.0  # kappa: GST-1.0
+    gap: float = per_run(1.0)  # kappa: GST-1.0
     latents: ClassVar[tuple[str, ...]] = ("categorical",)
     other_latents_hint: ClassVar[str] = " (its authors define it for categorical variables only)"
 
@@ -472,8 +475,8 @@ class GappedST(Reparameterized):
 class DecoupledSTGSConfig(EstimatorConfig):
     name: str = "decoupled_st_gs"
     uses_temperature: ClassVar[bool] = True
-    forward_tau: float = 1.0  # the sample's temperature: 1 draws from q itself
-    backward_tau: float | None = None  # the relaxation's; null: the schedule's
+    forward_tau: float = per_run(1.0)  # the sample's temperature: 1 draws from q itself
+    backward_tau: float | None = per_run(None)  # the relaxation's; null: the schedule's
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -541,8 +544,8 @@ class DisARM(Estimator):
 @dataclass
 class REBARConfig(EstimatorConfig):
     name: str = "rebar"
-    temperature: float = 0.5  # lambda of the relaxation in the control variate
-    eta: float = 1.0  # the control variate's scale
+    temperature: float = per_run(0.5)  # lambda of the relaxation in the control variate
+    eta: float = per_run(1.0)  # the control variate's scale
 
     def check(self, key: str) -> None:
         super().check(key)

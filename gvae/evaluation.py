@@ -1,12 +1,15 @@
 """The figures a run is judged by, computed one way during training, at its end and by gvae-eval.
 
-Every figure uses exact (one-hot or binary) samples and the analytic KL, so each is an upper
-bound on -log p(x) (except `test_relaxed_nelbo`, which says so):
-- `{split}_nelbo`: the mean single-sample negative ELBO over the split.
-- `test_bound`: -log (1/m) sum_i p(x, z_i) / q(z_i | x), m = eval.num_samples (Burda et al. 2016).
-- `test_relaxed_nelbo`: the negative ELBO with the decoder fed relaxed samples at temperature tau
-  (what a relaxed estimator's training loss measures, and what ericjang/gumbel-softmax#5
-  reports the paper's figures were reached with). Not a bound on anything.
+Each task (gvae/tasks/) gives its figures per example; here they are averaged over a split. Every
+figure uses exact (one-hot or binary) samples, so each is an upper bound on the negative
+log-likelihood (in expectation over the samples), except `test_relaxed_nelbo`, which says so:
+- `{split}_nelbo`: the mean single-sample figure over the split (the VAE's negative ELBO with the
+  analytic KL).
+- `test_bound`: -log (1/m) sum_i w_i with the task's importance weights w_i (the VAE's p(x, z_i) /
+  q(z_i | x), Burda et al. 2016), m = eval.num_samples.
+- `test_relaxed_nelbo`: the single-sample figure with relaxed samples at temperature tau (what a
+  relaxed estimator's training loss measures, and what ericjang/gumbel-softmax#5 reports the
+  paper's figures were reached with). Not a bound on anything.
 Evaluation noise comes from its own generator with a fixed seed, so figures are repeatable and
 the training random stream is untouched.
 """
@@ -16,8 +19,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +34,8 @@ from gvae.config import EvalConfig, import_extensions, resolve_device
 from gvae.data import Splits, load_splits
 from gvae.errors import ConfigError, GvaeError
 from gvae.files import write_json
-from gvae.model import VAE
-from gvae.objective import multi_sample_bound, negative_elbo, relaxed_negative_elbo
 from gvae.runs import find_runs, load_model, read_json, run_config, unfinished
+from gvae.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,68 @@ def _bar(total: int, desc: str, progress: bool) -> tqdm:
                 dynamic_ncols=True, leave=False)
 
 
-def split_nelbo(model: VAE, splits: Splits, split: str, cfg: EvalConfig, progress: bool = False) -> float:
+Targets = Callable[[torch.Tensor], torch.Tensor]
+Progress = Callable[[int], object] | None  # called with the number of images just done
+
+
+@torch.no_grad()
+def negative_elbo(
+    model: Task, images: torch.Tensor, targets: Targets, batch_size: int,
+    generator: torch.Generator | None = None, progress: Progress = None,
+) -> torch.Tensor:
+    """Mean over images of the task's single-sample figure with exact samples: a bound.
+
+    Returns a device scalar so that callers decide when to synchronise.
+    """
+    total = torch.zeros((), device=images.device)
+    for i in range(0, len(images), batch_size):
+        x = targets(images[i : i + batch_size])
+        total += model.nelbo(x, generator).sum()
+        if progress:
+            progress(len(x))
+    return total / len(images)
+
+
+@torch.no_grad()
+def relaxed_negative_elbo(
+    model: Task, images: torch.Tensor, targets: Targets, batch_size: int, tau: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Mean over images of the single-sample figure with relaxed samples at temperature tau. NOT a
+    bound: a relaxed code is not a value of the discrete latent."""
+    total = torch.zeros((), device=images.device)
+    for i in range(0, len(images), batch_size):
+        total += model.relaxed_nelbo(targets(images[i : i + batch_size]), tau, generator).sum()
+    return total / len(images)
+
+
+@torch.no_grad()
+def multi_sample_bound(
+    model: Task, images: torch.Tensor, targets: Targets, num_samples: int, max_rows: int,
+    generator: torch.Generator | None = None, progress: Progress = None,
+) -> torch.Tensor:
+    """Mean of -log (1/m) sum_i w_i over images, the task's log weights log w_i of m = num_samples
+    exact samples (Burda et al. 2016).
+
+    At most `max_rows` (image, sample) pairs go through the networks at once; samples of one image
+    are split over several passes when m alone exceeds it, combined with a running logsumexp.
+    """
+    samples_per_pass = min(num_samples, max_rows)
+    images_per_pass = max(1, max_rows // samples_per_pass)
+    total = torch.zeros((), device=images.device)
+    for i in range(0, len(images), images_per_pass):
+        x = targets(images[i : i + images_per_pass])
+        log_sum = torch.full((x.shape[0],), -math.inf, device=x.device)
+        for done in range(0, num_samples, samples_per_pass):
+            m = min(samples_per_pass, num_samples - done)
+            log_sum = torch.logaddexp(log_sum, torch.logsumexp(model.log_weights(x, m, generator), dim=0))
+        total -= (log_sum - math.log(num_samples)).sum()
+        if progress:
+            progress(len(x))
+    return total / len(images)
+
+
+def split_nelbo(model: Task, splits: Splits, split: str, cfg: EvalConfig, progress: bool = False) -> float:
     """Mean single-sample negative ELBO over `split` ("val" or "test")."""
     images = getattr(splits, split)
     with _bar(len(images), f"{split} -ELBO", progress) as bar:
@@ -57,7 +122,7 @@ def split_nelbo(model: VAE, splits: Splits, split: str, cfg: EvalConfig, progres
                              eval_generator(images.device), bar.update).item()
 
 
-def test_bound(model: VAE, splits: Splits, cfg: EvalConfig, progress: bool = False) -> float:
+def test_bound(model: Task, splits: Splits, cfg: EvalConfig, progress: bool = False) -> float:
     """The m-sample bound on the test set, m = cfg.num_samples."""
     with _bar(len(splits.test), f"test bound m={cfg.num_samples}", progress) as bar:
         return multi_sample_bound(model, splits.test, splits.eval_targets, cfg.num_samples, cfg.max_rows,
@@ -65,7 +130,7 @@ def test_bound(model: VAE, splits: Splits, cfg: EvalConfig, progress: bool = Fal
 
 
 def evaluate(
-    model: VAE, splits: Splits, cfg: EvalConfig, splits_to_score: tuple[str, ...] = ("val", "test"),
+    model: Task, splits: Splits, cfg: EvalConfig, splits_to_score: tuple[str, ...] = ("val", "test"),
     bound: bool = True, relaxed_tau: float | None = None, progress: bool = False,
 ) -> dict[str, float]:
     """Named figures: `{split}_nelbo` for each split, `test_bound` if `bound`, and
@@ -87,13 +152,10 @@ def evaluate(
 # -----------------------------------------------------------------------------
 # gvae-eval: evaluate finished runs from their folders
 
-EVAL_KEYS = ("eval", "device", "data.root")  # what gvae-eval may change; the rest defines the run
-
-
 def evaluate_run(run_dir: Path, overrides: list[str], force: bool = False) -> dict[str, Any] | str:
     """Evaluate one finished run and write eval.json and TensorBoard scalars into its folder.
     Returns the record, or a string saying why the run was skipped."""
-    cfg = run_config(run_dir, overrides, EVAL_KEYS)
+    cfg = run_config(run_dir, overrides)  # only the keys evaluation may set (gvae/roles.py)
     if why := unfinished(run_dir):
         return why
     eval_settings = dataclasses.asdict(cfg.eval)
@@ -120,7 +182,9 @@ def evaluate_run(run_dir: Path, overrides: list[str], force: bool = False) -> di
         writer.add_scalar("eval/test_nelbo", figures["test_nelbo"], step)
         writer.add_scalar(f"eval/test_bound_m{cfg.eval.num_samples}", figures["test_bound"], step)
         if tau is not None:
-            writer.add_scalar("eval/test_relaxed_nelbo_not_a_bound", figures["test_relaxed_nelbo"], step)
+            relaxed = next(f for f in model.FIGURES if f.key == "relaxed_nelbo")
+            tag = "eval/test_relaxed_nelbo" + ("" if relaxed.bound else "_not_a_bound")
+            writer.add_scalar(tag, figures["test_relaxed_nelbo"], step)
     return record
 
 
@@ -137,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("items", nargs="+", metavar="RUN_OR_SWEEP | key=value",
-                        help=f"run folders, sweep folders (every job in them), and overrides of {EVAL_KEYS}")
+                        help="run folders, sweep folders (every job in them), and overrides of the keys "
+                        "evaluation may set (eval.*, device, data.root, data.download, data.mirrors)")
     parser.add_argument("--force", action="store_true", help="evaluate runs that eval.json says are done")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

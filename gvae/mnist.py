@@ -22,6 +22,7 @@ import torchvision
 from gvae.data import DataConfig
 from gvae.errors import DataError, require
 from gvae.files import staged
+from gvae.roles import LOCATION, role_field
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,12 @@ class MNISTConfig(DataConfig):
     image_shape: list[int] = field(default_factory=lambda: [1, 28, 28])
     num_train: int = 50_000
     num_val: int = 10_000
-    root: str = "auto"  # $GVAE_DATA_DIR, else ./data if it holds MNIST, else the per-user cache
-    download: bool = True  # fetch MNIST with torchvision when it is missing
-    mirrors: list[str] = field(default_factory=list)  # folder URLs to download from; empty: torchvision's
+    # Where the files are found or fetched: not what a run computes (roles.LOCATION).
+    # $GVAE_DATA_DIR, else ./data if it holds MNIST, else the per-user cache
+    root: str = role_field(LOCATION, "auto")
+    download: bool = role_field(LOCATION, True)  # fetch MNIST with torchvision when it is missing
+    # folder URLs to download from; empty: torchvision's
+    mirrors: list[str] = role_field(LOCATION, default_factory=list)
 
     def check(self, key: str) -> None:
         super().check(key)

@@ -1,17 +1,14 @@
-"""The VAE: an encoder to latent logits, a discrete latent, a decoder to Bernoulli pixel logits;
-and the `model` group's schema."""
+"""The `model` group's schema: the latent units (type, size, prior) and the dense network around
+them, which every task builds its stochastic layers and networks from (gvae/tasks/)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
 
-import torch
-from torch import nn
-
 from gvae.errors import require
 from gvae.latents import Bernoulli, Categorical, Latent
-from gvae.nets import Activation, Net, build_nets
+from gvae.nets import Activation, Net
 
 
 class LatentType(str, Enum):
@@ -56,36 +53,3 @@ def make_latent(cfg: ModelConfig) -> Latent:
     if LatentType(cfg.latent) is LatentType.bernoulli:
         return Bernoulli(cfg.num_vars)
     return Categorical(cfg.num_vars, cfg.num_classes)
-
-
-class VAE(nn.Module):
-    """Encoder, latent and decoder for images of `image_shape`, as in the authors' notebook with
-    the default MLP (784-512-256-(N*K) and back; `hidden=[]` gives the paper's literal 784-(20x10)
-    form). The encoder's output logits have no activation. The prior is uniform (a fixed
-    zero-logit buffer) or learned (a parameter)."""
-
-    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, ...] | list[int]):
-        super().__init__()
-        self.image_shape = tuple(image_shape)
-        self.latent = make_latent(cfg)
-        self.encoder, self.decoder = build_nets(
-            cfg.net, self.image_shape, list(cfg.hidden), list(cfg.channels), cfg.activation,
-            self.latent.num_logits, self.latent.code_size)
-        prior_logits = torch.zeros(self.latent.shape)
-        if Prior(cfg.prior) is Prior.learned:
-            self.prior_logits = nn.Parameter(prior_logits)
-        else:
-            self.register_buffer("prior_logits", prior_logits)
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, pixels) to latent logits of the latent's shape, float32."""
-        return self.latent.logits(self.encoder(x))
-
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Codes to Bernoulli pixel logits (B, pixels)."""
-        return self.decoder(self.latent.flatten(z))
-
-    def prior_sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n exact codes from the prior."""
-        logits = self.prior_logits.detach().expand(n, *self.latent.shape)
-        return self.latent.sample(logits, generator)

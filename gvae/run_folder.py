@@ -35,11 +35,18 @@ HOLDER = "running.json"  # who holds the lock: for the message of a run that fin
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's
 
 
-def log_file(path: Path) -> logging.Handler:
-    """A handler writing the log to `path` (appending: a resumed run continues its log) as Hydra does."""
+@contextmanager
+def logging_to(path: Path) -> Iterator[None]:
+    """Inside the block, the log also goes to `path` (appended: a resumed run continues its log),
+    formatted as Hydra formats it."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    return handler
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
 
 
 class FolderBusy(GvaeError):
@@ -54,7 +61,6 @@ class RunFolder:
     def __init__(self, path: Path):
         self.path = path
         self._fd: int | None = None
-        self._handler: logging.Handler | None = None
         self.recorded = False
 
     def __enter__(self) -> RunFolder:
@@ -78,11 +84,9 @@ class RunFolder:
         except (OSError, ValueError, KeyError, TypeError):
             return "a process that has not yet said which"
 
-    def record(self, task_cfg: DictConfig, hydra_cfg: DictConfig | None,
-               log_name: str | None = "train") -> None:
-        """The run is accepted: write the holder, Hydra's record of the config (`.hydra/config.yaml`,
-        `hydra.yaml`, `overrides.yaml`, as Hydra writes them) and send the log to `LOG_NAME.log` until
-        the folder is released (None: the caller does, as the packed launcher does per pack)."""
+    def record(self, task_cfg: DictConfig, hydra_cfg: DictConfig | None) -> None:
+        """The run is accepted: write the holder and Hydra's record of the config (`.hydra/config.yaml`,
+        `hydra.yaml`, `overrides.yaml`, as Hydra writes them)."""
         write_json(self.path / HOLDER, {"pid": os.getpid(), "host": socket.gethostname(),
                                         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                                         "command": [Path(sys.argv[0]).name, *sys.argv[1:]]})
@@ -96,15 +100,8 @@ class RunFolder:
             text = OmegaConf.to_yaml(node)
             atomic_write(hydra_dir / name, lambda f, text=text: f.write(text.encode()))
         self.recorded = True
-        if log_name is not None:
-            self._handler = log_file(self.path / f"{log_name}.log")
-            logging.getLogger().addHandler(self._handler)
 
     def __exit__(self, *exc: object) -> None:
-        if self._handler is not None:
-            logging.getLogger().removeHandler(self._handler)
-            self._handler.close()
-            self._handler = None
         if self.recorded:
             (self.path / HOLDER).unlink(missing_ok=True)
         elif not any(self.path.iterdir()):

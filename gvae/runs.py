@@ -18,7 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 from gvae.checkpoint import check_compatible, load_checkpoint
 from gvae.config import Config, config_from_dict, container, validate
 from gvae.errors import ConfigError, GvaeError
-from gvae.model import VAE
+from gvae.roles import roles
+from gvae.tasks import Task, build_task
 
 
 class RunError(GvaeError):
@@ -45,25 +46,33 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return list(dict.fromkeys(runs))  # a run named twice is evaluated once
 
 
-def run_config(run_dir: Path, overrides: list[str] = (), allowed: tuple[str, ...] = ()) -> Config:
+def run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     """The run's own config (.hydra/config.yaml, resolved now, so `data.root` follows this machine's
-    $GVAE_DATA_DIR), typed and checked, with `overrides` ("key=value") applied. Only keys under the
-    `allowed` prefixes may be overridden: the others say what the checkpoint means."""
+    $GVAE_DATA_DIR), typed and checked, with `overrides` ("key=value") applied. Only the keys that
+    evaluation may set (their role, gvae/roles.py: eval.*, device, where the data are) may be
+    overridden: the others say what the checkpoint means."""
     try:
         saved = OmegaConf.to_container(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), resolve=True)
     except (OSError, OmegaConfBaseException) as e:
         raise RunError(f"{run_dir / '.hydra' / 'config.yaml'} cannot be read: {e}") from e
     cfg = config_from_dict(saved)
+    allowed = {k for k, role in roles(OmegaConf.to_object(cfg)) if role.eval_may_set}
     for override in overrides:
         key, sep, _ = override.partition("=")
-        if not sep or not any(key == p or key.startswith(p + ".") for p in allowed):
-            raise ConfigError(f"{override!r}: only keys under {', '.join(allowed)} may be set here "
-                              "(key=value)")
+        if not sep or not any(key == a or key.startswith(a + ".") for a in allowed):  # a typo: merge names it
+            raise ConfigError(f"{override!r}: only {settable(allowed)} may be set here (key=value)")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as e:
             raise ConfigError(f"{override!r} is not allowed: {str(e).splitlines()[0]}") from None
     return validate(cfg)
+
+
+def settable(keys: set[str]) -> str:
+    """The keys, a group whose keys are all in them written once as GROUP.*: "data.root, eval.*"."""
+    shown = [k + (".*" if any(other.startswith(k + ".") for other in keys) else "") for k in sorted(keys)
+             if k.rpartition(".")[0] not in keys]
+    return ", ".join(shown)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -76,25 +85,35 @@ def read_json(path: Path) -> dict[str, Any] | None:
         raise RunError(f"{path} cannot be read: {e}") from e
 
 
-def unfinished(run_dir: Path) -> str | None:
-    """Why a run folder holds no finished run (failed, interrupted, still running), or None."""
+def run_status(run_dir: Path) -> tuple[str, str | None]:
+    """(status, why): "complete", or "failed", "interrupted" (failed.json says which and why) or
+    "unfinished" (crashed, killed or still running: no complete metrics.json)."""
     failed = read_json(run_dir / "failed.json")
     if failed is not None:
-        return f"{failed.get('status', 'failed')}: {failed.get('error', 'no message')}"
+        status = "interrupted" if failed.get("status") == "interrupted" else "failed"
+        return status, failed.get("error", "no message")
     metrics = read_json(run_dir / "metrics.json")
     if metrics is None or metrics.get("status") != "complete":
-        return "not finished (no complete metrics.json)"
-    return None
+        return "unfinished", "no complete metrics.json (crashed, killed or still running)"
+    return "complete", None
 
 
-def load_model(run_dir: Path, cfg: Config, device: torch.device) -> tuple[VAE, int]:
+def unfinished(run_dir: Path) -> str | None:
+    """Why a run folder holds no finished run (failed, interrupted, still running), or None."""
+    status, why = run_status(run_dir)
+    if status == "complete":
+        return None
+    return "not finished (no complete metrics.json)" if status == "unfinished" else f"{status}: {why}"
+
+
+def load_model(run_dir: Path, cfg: Config, device: torch.device) -> tuple[Task, int]:
     """The trained model of a run, from checkpoints/last.pt (weights_only), and its step."""
     path = run_dir / "checkpoints" / "last.pt"
     if not path.is_file():
         raise RunError(f"{path} does not exist: the run has no checkpoint")
     state = load_checkpoint(path)
     check_compatible(path, state["config"], container(cfg))
-    model = VAE(cfg.model, cfg.data.image_shape).to(device)
+    model = build_task(cfg).to(device)
     model.load_state_dict(state["model"])
     model.eval()
     return model, int(state["step"])

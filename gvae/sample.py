@@ -3,9 +3,11 @@
     gvae-sample outputs/runs/2026-11-28/10-00-00                 # into the run folder
     gvae-sample RUN --out pictures --num 100 --seed 1 --binary
 
-Writes `prior.png` (images decoded from codes drawn from the prior), `reconstructions.png` (rows
-of test images, each followed by a row of their reconstructions) and `traversal.png` (one test
-image's most likely code, row v changing variable v through its values). Pixels are the decoder's
+Writes the run's task's pictures (gvae/tasks/). The VAE's: `prior.png` (images decoded from codes
+drawn from the prior), `reconstructions.png` (rows of test images, each followed by a row of their
+reconstructions) and `traversal.png` (one test image's most likely code, row v changing variable v
+through its values). The structured-output SBN's: `completions.png` (rows of test images, each
+followed by a row of them with the lower half drawn from the model given the upper half). Pixels are
 Bernoulli means, or with --binary black-and-white images drawn from them. The same run, seed and
 options give the same files.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -25,33 +26,27 @@ from gvae.config import import_extensions
 from gvae.data import load_splits
 from gvae.errors import GvaeError
 from gvae.runs import load_model, run_config
-from gvae.summaries import prior_grid, reconstruction_grid, traversal_grid
 
 log = logging.getLogger(__name__)
 
 
 def sample_pictures(run_dir: Path, out: Path, num: int = 64, seed: int = 0, binary: bool = False,
                     image: int = 0, max_vars: int = 16, device: str = "cpu") -> list[Path]:
-    """Write the three PNG files for the run in `run_dir` into `out`; return their paths."""
-    cfg = run_config(run_dir, [f"device={device}"], ("device",))
+    """Write the task's PNG files for the run in `run_dir` into `out`; return their paths."""
+    cfg = run_config(run_dir, [f"device={device}"])
     torch_device = torch.device(device)
     model, step = load_model(run_dir, cfg, torch_device)
     splits = load_splits(cfg.data, torch_device)
     if not 0 <= image < len(splits.test):
         raise GvaeError(f"--image {image} is not allowed: the test set has {len(splits.test)} images")
-    nrow = max(1, math.isqrt(num))
     generator = torch.Generator(device=torch_device).manual_seed(seed)
-    test = splits.eval_targets(splits.test)
-    pictures = {
-        "prior.png": prior_grid(model, num, generator, binary, nrow),
-        "reconstructions.png": reconstruction_grid(model, test[:num], generator, binary, nrow),
-        "traversal.png": traversal_grid(model, test[image : image + 1], max_vars, binary, generator),
-    }
+    pictures = model.pictures(splits.eval_targets(splits.test), generator, num, binary, image, max_vars)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, grid in pictures.items():
-        save_image(grid, out / name)
-        paths.append(out / name)
+        path = out / model.picture_files[name]
+        save_image(grid, path)
+        paths.append(path)
     log.info("%s (step %d): wrote %s", run_dir, step, ", ".join(str(p) for p in paths))
     return paths
 
@@ -66,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the codes and binary pixels (0)")
     parser.add_argument("--binary", action="store_true", help="binary images drawn from the pixel means")
     parser.add_argument("--image", type=int, default=0, help="index of the test image to traverse (0)")
-    parser.add_argument("--max-vars", type=int, default=16, help="latent variables in the traversal (16)")
+    parser.add_argument("--max-vars", type=int, default=16,
+                        help="latent variables in the VAE's traversal (16)")
     parser.add_argument("--device", default="cpu", help="cpu (default; same files anywhere) or cuda")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from omegaconf import MISSING
 
 from gvae.errors import require
+from gvae.roles import per_run
 
 
 def exponential(step: int, tau0: float, rate: float, every: int, tau_min: float) -> float:
@@ -28,7 +29,7 @@ class ScheduleConfig:
     """Base schema of the `schedule` group: a name and the starting temperature."""
 
     name: str = MISSING
-    tau0: float = 1.0
+    tau0: float = per_run(1.0)  # each run of a pack may follow its own schedule
 
     def temperature(self, step: int) -> float:
         return constant(step, self.tau0)
@@ -56,9 +57,9 @@ class ExponentialSchedule(ScheduleConfig):
     `every` steps (defaults: the authors' notebook)."""
 
     name: str = "exponential"
-    rate: float = 3e-5
-    every: int = 1000
-    tau_min: float = 0.5
+    rate: float = per_run(3e-5)
+    every: int = per_run(1000)
+    tau_min: float = per_run(0.5)
 
     def temperature(self, step: int) -> float:
         return exponential(step, self.tau0, self.rate, self.every, self.tau_min)

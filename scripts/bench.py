@@ -23,13 +23,12 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
-from gvae.config import StepMode, compose_config
-from gvae.estimators import build_estimator
+from gvae.config import StepMode, compose_config, validate
+from gvae.engine import build_engine
 from gvae.mnist import prepare_mnist
-from gvae.model import VAE
-from gvae.objective import TrainStats, training_loss
+from gvae.objective import TrainStats
 from gvae.step import CUDA_ONLY_MODES
-from gvae.train import build_training
+from gvae.tasks import build_task
 
 MODES = [m.value for m in StepMode if m is not StepMode.auto]
 OVERRIDES: list[str] = []  # the command line's, for configs composed later
@@ -43,17 +42,17 @@ def sync(device: torch.device) -> None:
 def time_gvae(cfg, mode: str, steps: int, warmup: int) -> dict:
     """Steps/s of gvae's own step: device-resident batches, nothing read back per step."""
     cfg.train.compile = mode
-    run = build_training(cfg)
+    engine = build_engine([validate(cfg)], [None])
     t0 = time.perf_counter()
     for _ in range(warmup):  # includes compilation / graph capture
-        run.step(run.sampler.next(), run.tau)
-    sync(run.device)
+        engine.train_step()
+    sync(engine.device)
     setup = time.perf_counter() - t0
-    running = TrainStats.zeros(run.device)
+    running = engine.train_step()  # the accumulator, shaped like a step's figures
     t0 = time.perf_counter()
     for _ in range(steps):
-        running.add_(run.step(run.sampler.next(), run.tau))
-    sync(run.device)
+        running.add_(engine.train_step())
+    sync(engine.device)
     seconds = time.perf_counter() - t0
     assert torch.isfinite(running.values).all()
     return {"mode": mode, "steps_per_sec": steps / seconds, "warmup_seconds": setup}
@@ -63,8 +62,9 @@ def time_baseline(cfg, steps: int, warmup: int) -> dict:
     """The common loop: DataLoader + ToTensor, .to(device) per batch, loss.item() per step."""
     torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
-    model = VAE(cfg.model, cfg.data.image_shape).to(device)  # the same model and estimator as gvae's
-    estimator = build_estimator(cfg.estimator, model.latent).to(device)
+    typed = validate(cfg)
+    model = build_task(typed).to(device)  # the same model and estimator as gvae's
+    estimator = model.build_estimator(typed.estimator).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)  # default kernels
     root = prepare_mnist(cfg.data.root, cfg.data.download)
     dataset = datasets.MNIST(str(root), train=True, transform=transforms.ToTensor())
@@ -80,7 +80,7 @@ def time_baseline(cfg, steps: int, warmup: int) -> dict:
     def one_step() -> float:
         images, _ = next(it)
         x = images.view(images.shape[0], -1).to(device)
-        loss, _ = training_loss(model, estimator, x, tau.to(device))
+        loss, _ = model.training_loss(estimator, x, tau.to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -95,37 +95,36 @@ def time_baseline(cfg, steps: int, warmup: int) -> dict:
 
 
 def time_bookkeeping(cfg, steps: int, repeats: int = 3) -> dict:
-    """Microseconds per step of the training loop's own work: gvae.train.train()'s loop against the
-    bare loop of time_gvae, both with the step replaced by one that returns at once, so that the
+    """Microseconds per step of the training loop's own work: gvae.trainer's loop against the bare
+    loop of time_gvae, both with the engine's step replaced by one that returns at once, so that the
     difference is the loop's bookkeeping (schedule, cadences, logging) and nothing else."""
-    import dataclasses
+    import gvae.jobs as jobs
 
-    import gvae.train as loop
+    build = jobs.build_engine
 
-    build = loop.build_training
-
-    def build_with_null_step(cfg, state=None, **kwargs):
-        run = build(cfg, state, **kwargs)
-        stats = run.step(run.sampler.next(), run.tau)  # one real step: what a step returns
-        return dataclasses.replace(run, step=lambda images, tau: stats)
+    def build_with_null_step(*args, **kwargs):
+        engine = build(*args, **kwargs)
+        stats = engine.train_step()  # one real step: what a step returns
+        engine.train_step = lambda: stats
+        return engine
 
     cfg.train.max_steps = cfg.train.eval_every = cfg.train.ckpt_every = steps
     cfg.data.num_val, cfg.eval.num_samples, cfg.eval.images = 1000, 1, False
     loop_us, bare_us = [], []
     for _ in range(repeats):
-        loop.build_training = build_with_null_step
+        jobs.build_engine = build_with_null_step
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                metrics = loop.train(cfg.copy(), Path(tmp))
+                metrics = jobs.train(cfg.copy(), Path(tmp))
         finally:
-            loop.build_training = build
+            jobs.build_engine = build
         loop_us.append(1e6 / metrics["steps_per_sec"])
-        run = build_with_null_step(cfg.copy())
-        running = TrainStats.zeros(run.device)
+        engine = build_with_null_step([validate(cfg.copy())], [None])
+        running = TrainStats.zeros(engine.train_step().names, engine.device, 1)
         t0 = time.perf_counter()
         for _ in range(steps):
-            running.add_(run.step(run.sampler.next(), run.tau))
-        sync(run.device)
+            running.add_(engine.train_step())
+        sync(engine.device)
         bare_us.append(1e6 * (time.perf_counter() - t0) / steps)
     loop_best, bare_best = min(loop_us), min(bare_us)  # least disturbed of the repeats
     return {"mode": "loop_bookkeeping", "us_per_step": loop_best - bare_best, "loop_us_per_step": loop_best,
@@ -136,21 +135,17 @@ def time_packed(cfg, sizes: list[int], steps: int, warmup: int) -> list[dict]:
     """Model-steps per second of S runs packed into one batched step (gvae/packing.py) beside the
     same S runs stepped one after another, each in its own step, in this process: the runs differ
     in seed (each its own initial parameters, batches and noise)."""
-    from gvae.config import validate
-    from gvae.packing import pack_trainings
-
     results = []
     for size in sizes:
         cfgs = [validate(compose_config([*OVERRIDES, f"seed={seed}"])) for seed in range(size)]
-        shared = build_training(cfgs[0]).splits
-        separate = [build_training(c, splits=shared) for c in cfgs]
-        packed = pack_trainings(cfgs, [build_training(c, splits=shared, make_step=False) for c in cfgs],
-                                [0] * size)
+        shared = build_engine(cfgs[:1], [None]).splits
+        separate = [build_engine([c], [None], splits=shared) for c in cfgs]
+        packed = build_engine(cfgs, [None] * size, splits=shared, pack=True)
         timings = {}
 
-        def step_separately(runs=separate) -> None:
-            for run in runs:
-                run.train_step()
+        def step_separately(engines=separate) -> None:
+            for engine in engines:
+                engine.train_step()
 
         for label, step_all in (("separate", step_separately), ("packed", packed.train_step)):
             for _ in range(warmup):  # includes graph capture or compilation

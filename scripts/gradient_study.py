@@ -31,19 +31,19 @@ from gvae.files import atomic_write, write_json
 from gvae.runs import load_model, run_config
 
 
-def build(name: str, latent, follow_tau: bool = False):
+def build(name: str, model, follow_tau: bool = False):
     """The estimator with its default options; with follow_tau, any own temperature option (ReinMax's
     tau, the decoupled estimator's backward_tau) set to follow the given temperature instead."""
     cls = ESTIMATORS[name]
     cfg = cls.config()
     if follow_tau:
         cfg = dataclasses.replace(cfg, **{f: None for f in ("tau", "backward_tau") if hasattr(cfg, f)})
-    return cls(latent, cfg)
+    return model.build_estimator(cfg)
 
 
 def study(run_dir: Path, names: list[str], draws: int, batch: int, taus: list[float], max_codes: int,
           reference_draws: int, seed: int) -> dict:
-    cfg = run_config(run_dir, ["device=cpu"], ("device",))
+    cfg = run_config(run_dir, ["device=cpu"])
     model, step = load_model(run_dir, cfg, torch.device("cpu"))
     splits = load_splits(cfg.data, torch.device("cpu"))
     x = splits.eval_targets(splits.val[:batch])
@@ -56,14 +56,14 @@ def study(run_dir: Path, names: list[str], draws: int, batch: int, taus: list[fl
     rows = {}
     for name in names:
         torch.manual_seed(seed)
-        rows[name] = summarize(estimator_draws(model, build(name, model.latent), x, tau, draws),
+        rows[name] = summarize(estimator_draws(model, build(name, model), x, tau, draws),
                                reference, reference_se)
     sweep = {}
     for name in (n for n in names if ESTIMATORS[n].config.uses_temperature):
         sweep[name] = {}
         for t in taus:
             torch.manual_seed(seed)
-            estimator = build(name, model.latent, follow_tau=True)
+            estimator = build(name, model, follow_tau=True)
             draws_t = estimator_draws(model, estimator, x, t, draws)
             sweep[name][str(t)] = summarize(draws_t, reference, reference_se)
     model_text = (f"{cfg.model.num_classes} classes x {cfg.model.num_vars} variables (categorical)"

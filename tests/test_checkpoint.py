@@ -11,7 +11,7 @@ import torch
 from gvae.checkpoint import check_compatible, load_checkpoint, save_checkpoint
 from gvae.config import container
 from gvae.errors import CheckpointError
-from gvae.train import train
+from gvae.jobs import train
 from tests.conftest import TINY, compose_config
 
 # -----------------------------------------------------------------------------

@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 from gvae import configs
 from gvae.config import Config, config_from_dict, hydra_initialized, validate
 from gvae.errors import ConfigError
-from gvae.estimators import ESTIMATORS, build_estimator
-from gvae.model import VAE
-from gvae.objective import training_loss
-from gvae.train import train
+from gvae.estimators import ESTIMATORS
+from gvae.jobs import train
+from gvae.tasks import build_task
+from gvae.tasks.vae import VAE
 from tests.conftest import TINY, compose_config
 
 CONFIG_DIR = Path(configs.__file__).parent  # the folder Hydra reads, found through the package
@@ -36,15 +36,17 @@ def build_and_step(overrides: list[str]) -> Config:
     training loss on a random binary batch of the data's image size."""
     cfg = validate(compose_config(overrides))
     torch.manual_seed(0)
-    model = VAE(cfg.model, cfg.data.image_shape)
-    estimator = build_estimator(cfg.estimator, model.latent)
+    model = build_task(cfg)  # the VAE, or the task the option names
+    estimator = model.build_estimator(cfg.estimator)
     optimizer = hydra.utils.instantiate(cfg.optim)([*model.parameters(), *estimator.parameters()])
     assert isinstance(optimizer, torch.optim.Optimizer) and optimizer.param_groups[0]["lr"] == cfg.optim.lr
     x = (torch.rand(8, cfg.data.num_pixels) < 0.3).float()
-    loss, stats = training_loss(model, estimator, x, torch.tensor(cfg.schedule.tau0))
+    loss, stats = model.training_loss(estimator, x, torch.tensor(cfg.schedule.tau0))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(stats.values).all()
-    grads = [p.grad for p in model.encoder.parameters() if p.grad is not None]
+    # The first network (the VAE's encoder, the SBN's first layer) gets a gradient through the latent.
+    first = model.encoder if isinstance(model, VAE) else model.nets[0]
+    grads = [p.grad for p in first.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and sum(g.abs().sum() for g in grads) > 0
     return cfg
 

@@ -12,8 +12,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from gvae.config import DiagConfig, validate
 from gvae.diagnostics import diagnose, exact_gradient, local_expectation_gradient
 from gvae.estimators import ESTIMATORS
-from gvae.model import VAE
-from gvae.train import train
+from gvae.jobs import train
+from gvae.tasks.vae import VAE
 from tests.conftest import SYNTHETIC, compose_config
 
 # Small enough to enumerate: 3 classes x 3 variables (27 codes), or 5 binary units (32 codes).

@@ -18,16 +18,16 @@ import pytest
 import torch
 import torch._inductor.config
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gvae.config import validate
+from gvae.engine import build_engine
 from gvae.errors import ConfigError
 from gvae.estimators import ESTIMATORS, Estimator, EstimatorConfig, ScoreFunctionBase, build_estimator
+from gvae.jobs import train
 from gvae.latents import Bernoulli, Categorical, Latent
-from gvae.model import VAE
-from gvae.objective import training_loss
-from gvae.train import build_training, train
+from gvae.tasks.vae import VAE
 from tests.conftest import TINY, compose_config
+from tests.graph_standin import NoHostReads
 
 LATENTS: dict[str, Callable[[], Latent]] = {
     "categorical": lambda: Categorical(num_vars=2, num_classes=3),
@@ -474,19 +474,6 @@ def test_each_estimator_has_a_typed_config_with_its_name_and_checks_its_ranges()
 # every estimator in the real objective and trainer
 
 
-class NoHostReads(TorchDispatchMode):
-    """Fail on any op that copies a tensor value to the host (.item(), bool(tensor), `if tensor`)."""
-
-    HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-                  torch.ops.aten.is_nonzero.default)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in self.HOST_READS:
-            raise AssertionError(f"host synchronisation: {func}")
-        return func(*args, **(kwargs or {}))
-
-
-
 @pytest.mark.parametrize(("name", "latent"), COMBINATIONS)
 def test_estimator_trains_the_vae_without_host_reads(name, latent):
     torch.manual_seed(7)
@@ -497,7 +484,7 @@ def test_estimator_trains_the_vae_without_host_reads(name, latent):
     with NoHostReads():
         for _ in range(2):  # the second call uses the moving averages of the first
             model.zero_grad()
-            loss, stats = training_loss(model, estimator, x, torch.tensor(0.7))
+            loss, stats = model.training_loss(estimator, x, torch.tensor(0.7))
             loss.backward()
     assert loss.isfinite() and stats.values.isfinite().all()
     for part in (model.encoder, model.decoder):
@@ -521,8 +508,8 @@ def test_estimator_runs_in_the_trainer(name, latent, mnist_root, tmp_path: Path)
 @pytest.mark.parametrize(("name", "latent"), COMBINATIONS)
 def test_estimator_runs_in_a_captured_cuda_step(name, latent, mnist_root):
     cfg = compose_config([*TINY, *MODELS[latent], f"estimator={name}", "device=cuda", "train.compile=graph"])
-    run = build_training(cfg)
-    stats = torch.stack([run.step(run.sampler.next(), run.tau).values for _ in range(5)])
+    engine = build_engine([validate(cfg)], [None])
+    stats = torch.stack([engine.train_step().values for _ in range(5)])
     assert stats.isfinite().all()
 
 
@@ -536,9 +523,9 @@ def test_compiled_score_function_step_matches_eager_step(name, mnist_root):
         torch._dynamo.reset()
         cfg = compose_config([*TINY, "model.hidden=[32]", f"estimator={name}", f"train.compile={mode}",
                               "seed=3", "optim=sgd", "optim.lr=0.01"])
-        run = build_training(cfg)
-        stats = torch.stack([run.step(run.sampler.next(), run.tau).values for _ in range(2)])
-        return stats, [p.grad.clone() for p in run.model.parameters()]
+        engine = build_engine([validate(cfg)], [None])
+        stats = torch.stack([engine.train_step().values for _ in range(2)])
+        return stats, [p.grad.clone() for p in engine.runs[0].model.parameters()]
 
     with torch._inductor.config.patch(fallback_random=True):  # the same noise in both
         eager_parts, eager_grads = step_twice("eager")

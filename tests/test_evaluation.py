@@ -67,7 +67,7 @@ def test_gvae_eval_on_a_sweep_evaluates_every_finished_job_and_names_the_others(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
-    ("optim.lr=1", "only keys under eval, device, data.root may be set"),
+    ("optim.lr=1", "only data.download, data.mirrors, data.root, device, eval.* may be set"),
     ("eval.num_samples=many", "could not be converted to Integer"),
     ("eval.num_sample=4", "Key 'num_sample' not in 'EvalConfig'"),
     ("eval.num_samples=0", "eval.num_samples=0 is not allowed: must be >= 1"),

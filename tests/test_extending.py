@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 TOY_MODULE = '''
 from dataclasses import dataclass
 
@@ -69,11 +68,10 @@ def test_a_toy_estimator_trains_from_the_cli_with_typed_options_and_reaches_the_
                          text=True, timeout=300)
     assert bad.returncode == 1 and "estimator.slope" in bad.stdout + bad.stderr
 
-    script = str(ROOT / "scripts" / "paper_table.py")
-    chosen = run([script, "chosen", str(sweep)], tmp_path, env).stdout.split()
+    chosen = run(["-m", "gvae.table", "chosen", str(sweep)], tmp_path, env).stdout.split()
     run(["-m", "gvae.evaluation", *chosen, "eval.num_samples=2"], tmp_path, env)
     out = tmp_path / "results"
-    run([script, "record", str(sweep), "--out", str(out), "--num-samples", "2"], tmp_path, env)
+    run(["-m", "gvae.table", "record", str(sweep), "--out", str(out), "--num-samples", "2"], tmp_path, env)
     table = (out / "results.md").read_text()
     assert any(line.startswith("| categorical (4x4) | toy† | — |") for line in table.splitlines()), table
     assert "† beyond the paper" in table

@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gvae.model import VAE
-from gvae.objective import TrainStats, multi_sample_bound, negative_elbo, recon_nll
+from gvae.evaluation import multi_sample_bound, negative_elbo
+from gvae.objective import TrainStats, recon_nll
+from gvae.tasks.vae import VAE
 from tests.conftest import compose_config
 
 N, K = 2, 3  # 9 codes: small enough to enumerate
@@ -88,6 +89,9 @@ def test_the_broadcast_likelihood_of_the_bound_equals_the_training_one():
 def test_train_stats_name_each_figure_and_accumulate_without_reading():
     stats = TrainStats.of(surrogate=torch.tensor(3.0), nelbo=torch.tensor(5.0), recon=torch.tensor(4.0),
                           kl=torch.tensor(1.0))
-    total = TrainStats.zeros(torch.device("cpu")).add_(stats).add_(stats)
-    assert total.means(2) == {"surrogate": 3.0, "nelbo": 5.0, "recon": 4.0, "kl": 1.0}
+    total = (TrainStats.zeros(stats.names, torch.device("cpu"), runs=1)
+             .add_(stats.per_run()).add_(stats.per_run()))
+    assert total.means(2) == {"surrogate": [3.0], "nelbo": [5.0], "recon": [4.0], "kl": [1.0]}
     assert stats.kl.item() == 1.0 and stats.clone().values is not stats.values
+    packed = TrainStats.of(nelbo=torch.tensor([1.0, 2.0]), kl=torch.tensor([0.5, 0.25]))  # two runs
+    assert packed.per_run() is packed and packed.means(1) == {"nelbo": [1.0, 2.0], "kl": [0.5, 0.25]}

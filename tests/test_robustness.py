@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
+import gvae.engine
 import gvae.train
+import gvae.trainer
 from tests.conftest import SYNTHETIC, gvae_train
 
 
@@ -131,7 +133,7 @@ def test_a_full_disk_at_a_checkpoint_fails_with_one_message_and_a_record(tmp_pat
     def disk_full(path, state):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(gvae.train.ckpt, "save_checkpoint", disk_full)
+    monkeypatch.setattr(gvae.trainer.ckpt, "save_checkpoint", disk_full)
     assert run_main([*SYNTHETIC, f"hydra.run.dir={run}"], monkeypatch) == 1
     failed = json.loads((run / "failed.json").read_text())
     assert failed["status"] == "failed"
@@ -147,8 +149,8 @@ def test_an_interrupt_outside_the_training_loop_ends_with_a_record(tmp_path, mon
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # Ctrl-C
 
-    target = "load_splits" if where == "start-up" else "evaluate"
-    monkeypatch.setattr(gvae.train, target, interrupted)
+    module, target = (gvae.engine, "load_splits") if where == "start-up" else (gvae.trainer, "evaluate")
+    monkeypatch.setattr(module, target, interrupted)
     assert run_main([*SYNTHETIC, f"hydra.run.dir={run}"], monkeypatch) == 128 + signal.SIGINT
     failed = json.loads((run / "failed.json").read_text())
     assert failed["status"] == "interrupted" and "SIGINT outside the training loop" in failed["error"]
@@ -181,7 +183,7 @@ def strict_json(path: Path) -> dict:
 
 def test_records_are_strict_json_and_keep_their_meaning_after_a_resume(tmp_path):
     from gvae.files import write_json
-    from gvae.train import train
+    from gvae.jobs import train
     from tests.conftest import compose_config
 
     write_json(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.0]})

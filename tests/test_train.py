@@ -3,7 +3,6 @@ run resumes exactly after a kill; numerical and data faults stop it with one mes
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -17,10 +16,11 @@ import torch
 from tensorboard.backend.event_processing import event_accumulator as ea
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import gvae.train
+import gvae.jobs
 from gvae.checkpoint import load_checkpoint
 from gvae.errors import Interrupted, NonFiniteError
-from gvae.train import deferred_signals, train
+from gvae.jobs import train
+from gvae.trainer import deferred_signals
 from tests.conftest import SYNTHETIC, TINY, compose_config, gvae_train
 
 # TINY with all that a resume must restore: dynamic binarization (the global RNG), a learned
@@ -32,23 +32,24 @@ STATE_KEYS = ("model", "estimator", "optimizer", "sampler", "rng")
 
 
 def with_step_hook(monkeypatch: pytest.MonkeyPatch, hook) -> None:
-    """Make train() call hook(call_number, run) after each training step."""
-    build = gvae.train.build_training
+    """Make train() call hook(call_number, run's parts) after each training step."""
+    build = gvae.jobs.build_engine
 
-    def build_with_hook(cfg, state=None, **kwargs):
-        run = build(cfg, state, **kwargs)
-        calls = 0
+    def build_with_hook(*args, **kwargs):
+        engine = build(*args, **kwargs)
+        step, calls = engine.train_step, 0
 
-        def step(images, tau):
+        def train_step():
             nonlocal calls
-            parts = run.step(images, tau)
+            stats = step()
             calls += 1
-            hook(calls, run)
-            return parts
+            hook(calls, engine.runs[0])
+            return stats
 
-        return dataclasses.replace(run, step=step)
+        engine.train_step = train_step
+        return engine
 
-    monkeypatch.setattr(gvae.train, "build_training", build_with_hook)
+    monkeypatch.setattr(gvae.jobs, "build_engine", build_with_hook)
 
 
 def assert_same_state(a: object, b: object, where: str = "") -> None:

@@ -3,12 +3,13 @@
     gvae-train -m hydra/launcher=packed experiment=paper_sweep
     gvae-train -m hydra/launcher=packed hydra.launcher.max_pack=16 seed=0,1,2,3 optim.lr=1e-3,3e-3
 
-Every job is first prepared as Hydra's basic launcher prepares it (its folder, .hydra/config.yaml,
-overrides.yaml, hydra.yaml), then the jobs that can share a pack (the same shapes, data, cadences
-and optimizer class; seeds, learning rates, temperature schedules and float estimator options may
-differ; gvae.packing.pack_key) and are at the same step are trained together, at most `max_pack`
-at a time; the others in packs of their own. Each job writes what a separate run writes and
-returns its best validation negative ELBO to the sweeper; a job that diverges fails alone.
+A thin adapter between Hydra and gvae/jobs.py: every job is first prepared as Hydra's basic launcher
+prepares it (its config, its folder's name), then goes through gvae's job lifecycle as a gvae-train
+run does (locked, accepted, recorded), and the jobs that can share a pack (gvae.engine.pack_key: the
+same shapes, data, cadences and optimizer class; seeds, learning rates, temperature schedules and
+float estimator options may differ) and are at the same step are trained together, at most
+`max_pack` at a time; the others in packs of their own. Each job writes what a separate run writes
+and returns its best validation negative ELBO to the sweeper; a job that diverges fails alone.
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module before it is in
@@ -28,6 +29,12 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from gvae.engine import pack_key
+from gvae.errors import GvaeError, Interrupted, NonFiniteError, Stopped
+from gvae.jobs import Job, command_line_settings, train_jobs
+from gvae.nets import Net
+from gvae.run_folder import describe_failure, signals_raise_stopped
+
 log = logging.getLogger(__name__)
 
 
@@ -38,16 +45,6 @@ class PackedLauncherConf:
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackedLauncherConf, provider="gvae")
-
-
-@dataclass
-class Job:
-    ret: JobReturn
-    cfg: DictConfig
-    out_dir: Path
-    settings: dict  # what its command line set, for its hparams record
-    folder: Any = None  # its locked gvae.run_folder.RunFolder
-    opened: Any = None  # gvae.train.open_run's decision: (typed config, checkpoint, finished metrics)
 
 
 class PackedLauncher(Launcher):
@@ -63,118 +60,90 @@ class PackedLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from gvae.run_folder import signals_raise_stopped
-        from gvae.train import command_line_settings
-
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info(f"Launching {len(job_overrides)} jobs in packs of at most {self.max_pack}")
-        jobs: list[Job] = []
-        for idx, overrides in enumerate(job_overrides, initial_job_idx):
-            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(sweep_config):
-                sweep_config.hydra.job.id = idx
-                sweep_config.hydra.job.num = idx
-            prepared: dict[str, Any] = {}
-
-            def prepare(cfg: DictConfig, into: dict = prepared) -> None:
-                """Hydra's own preparation of the job (its folder, its config); training comes later."""
-                out_dir = Path(HydraConfig.get().runtime.output_dir)
-                into.update(out_dir=out_dir, settings=command_line_settings(cfg))
-
-            ret = run_job(hydra_context=self.hydra_context, task_function=prepare, config=sweep_config,
-                          job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
-                          configure_logging=False)
-            jobs.append(Job(ret, ret.cfg, prepared["out_dir"], prepared["settings"]))
+        prepared = [self.prepare(idx, overrides)
+                    for idx, overrides in enumerate(job_overrides, initial_job_idx)]
         with ExitStack() as folders, signals_raise_stopped():
-            ready = [job for job in jobs if accept(job, folders)]
-            for pack in plan_packs(ready, self.max_pack):
+            ready = [(job, ret) for job, ret in prepared if accept(job, ret, folders)]
+            for pack in plan_packs([job for job, _ in ready], self.max_pack):
                 train_pack([ready[i] for i in pack])
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return [job.ret for job in jobs]
+        return [ret for _, ret in prepared]
+
+    def prepare(self, idx: int, overrides: Sequence[str]) -> tuple[Job, JobReturn]:
+        """The job as Hydra's basic launcher prepares it (its config, its folder's name); training
+        comes later."""
+        log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+        sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+        found: dict[str, Any] = {}
+
+        def prepare(cfg: DictConfig) -> None:
+            found.update(out_dir=Path(HydraConfig.get().runtime.output_dir),
+                         settings=command_line_settings(cfg))
+
+        ret = run_job(hydra_context=self.hydra_context, task_function=prepare, config=sweep_config,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
+                      configure_logging=False)
+        hydra_cfg = ret.hydra_cfg.hydra
+        job = Job(found["out_dir"], ret.cfg, hydra_cfg, hydra_cfg.job.name, found["settings"], idx,
+                  label=f"{found['out_dir']}: ")
+        return job, ret
 
 
-def accept(job: Job, folders: ExitStack) -> bool:
-    """Lock the job's folder and decide, writing nothing, whether it may run there (gvae.train.open_run);
-    then record it as gvae-train records a run. False for a refused job (failed) or a finished one."""
-    from gvae.errors import GvaeError
-    from gvae.run_folder import RunFolder
-    from gvae.train import open_run
-
+def accept(job: Job, ret: JobReturn, folders: ExitStack) -> bool:
+    """The job's folder locked and its run accepted and recorded (gvae.jobs.Job.accept); False for a
+    refused job (failed) or a finished one (completed, nothing written)."""
     try:
-        job.folder = folders.enter_context(RunFolder(job.out_dir))
-        job.opened = open_run(job.cfg, job.out_dir)
+        if job.accept(folders):
+            return True
     except GvaeError as e:
-        fail(job, e)
+        fail(job, ret, e)
         return False
-    done = job.opened[2]
-    if done is not None:  # finished before (train.resume=true): nothing to train or write
-        job.ret.return_value, job.ret.status = done["val_nelbo_best"], JobStatus.COMPLETED
-        return False
-    job.folder.record(job.cfg, job.ret.hydra_cfg.hydra, log_name=None)  # train_pack logs per pack
-    return True
+    ret.return_value, ret.status = job.opened.finished["val_nelbo_best"], JobStatus.COMPLETED
+    return False
 
 
 def plan_packs(jobs: list[Job], max_pack: int) -> list[list[int]]:
-    """Groups of job indices that can train together (gvae.packing.pack_key, the same step), at
-    most max_pack each, in the sweep's order."""
-    from gvae.nets import Net
-    from gvae.packing import pack_key
-
+    """Groups of job indices that can train together (gvae.engine.pack_key, the same step), at most
+    max_pack each, in the sweep's order."""
     groups: dict[Any, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
-        typed, saved, _ = job.opened
-        if Net(typed.model.net) is not Net.mlp:
+        if Net(job.opened.config.model.net) is not Net.mlp:
             groups["alone", i].append(i)
             continue
-        groups[pack_key(typed), saved["step"] if saved else 0].append(i)
+        groups[pack_key(job.opened.config), job.opened.step].append(i)
     return [group[k : k + max_pack] for group in groups.values() for k in range(0, len(group), max_pack)]
 
 
-def fail(job: Job, error: BaseException) -> None:
-    """The job's one-line message, its failed.json once it owns its folder, and Hydra's record."""
-    from gvae.errors import JobFailed
-    from gvae.run_folder import describe_failure, write_failure
-
-    status, message, _ = describe_failure(error, job.out_dir)
-    log.error("%s: %s", job.out_dir, message)
-    if job.folder is not None and job.folder.recorded:
-        write_failure(job.out_dir, status, message, error)
-    number = job.ret.hydra_cfg.hydra.job.num
-    job.ret.return_value = JobFailed(f"job {number} ({job.out_dir}) failed: {message}")
-    job.ret.status = JobStatus.FAILED
+def fail(job: Job, ret: JobReturn, error: BaseException) -> None:
+    """The job's message and failed.json (gvae.jobs.Job.failed), and Hydra's record."""
+    _, message, _ = job.failed(error)
+    ret.return_value, ret.status = job.job_failed(message), JobStatus.FAILED
 
 
-def train_pack(jobs: list[Job]) -> None:
-    """Train these jobs together; each job's log lines (the pack's) also go to its own train.log."""
-    from gvae.errors import GvaeError, Interrupted, NonFiniteError, Stopped
-    from gvae.run_folder import describe_failure, log_file
-    from gvae.train import train_runs
-
-    root = logging.getLogger()
-    handlers = [log_file(job.out_dir / f"{job.ret.hydra_cfg.hydra.job.name}.log") for job in jobs]
-    for handler in handlers:
-        root.addHandler(handler)
-    try:
-        results = train_runs([job.cfg for job in jobs], [job.out_dir for job in jobs],
-                             [job.settings for job in jobs], [job.opened for job in jobs])
-        for job, result in zip(jobs, results, strict=True):
-            if isinstance(result, NonFiniteError):  # its failed.json is written
-                fail(job, result)
+def train_pack(pack: list[tuple[Job, JobReturn]]) -> None:
+    """Train these jobs together; each job's log lines (the pack's) also go to its own log file."""
+    with ExitStack() as logs:
+        for job, _ in pack:
+            logs.enter_context(job.logging())
+        try:
+            results = train_jobs([job for job, _ in pack])
+        except (Interrupted, Stopped, KeyboardInterrupt) as e:
+            for job, ret in pack:
+                fail(job, ret, e)
+            raise SystemExit(describe_failure(e, pack[0][0].out_dir)[2]) from None  # the sweep stops too
+        except (GvaeError, OSError) as e:
+            for job, ret in pack:
+                fail(job, ret, e)
+            return
+        for (job, ret), result in zip(pack, results, strict=True):
+            if isinstance(result, NonFiniteError):  # recorded as it diverged
+                fail(job, ret, result)
             else:
-                (job.out_dir / "failed.json").unlink(missing_ok=True)  # a resumed run that failed before
-                job.ret.return_value = result["val_nelbo_best"]
-                job.ret.status = JobStatus.COMPLETED
-    except (Interrupted, Stopped, KeyboardInterrupt) as e:
-        for job in jobs:
-            fail(job, e)
-        raise SystemExit(describe_failure(e, jobs[0].out_dir)[2]) from None  # the sweep stops too
-    except (GvaeError, OSError) as e:
-        for job in jobs:
-            fail(job, e)
-    finally:
-        for handler in handlers:
-            root.removeHandler(handler)
-            handler.close()
+                ret.return_value, ret.status = job.completed(result), JobStatus.COMPLETED

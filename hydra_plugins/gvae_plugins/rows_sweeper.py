@@ -23,6 +23,8 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.config_store import ConfigStore
 from hydra.core.override_parser.types import Override
 
+from gvae.rows import cross
+
 
 @dataclass
 class RowsSweeperConf:
@@ -33,26 +35,6 @@ class RowsSweeperConf:
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="rows", node=RowsSweeperConf, provider="gvae")
-
-
-def key_of(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def cross(jobs: list[list[str]], rows: list[str]) -> list[list[str]]:
-    """Every job once per row (the row's overrides replacing the job's for the same keys), each
-    distinct job once: a swept key that a row sets (an experiment's inherited `estimator` list, say)
-    would otherwise launch the same run once per value it replaced."""
-    if not rows:
-        return jobs
-    crossed: dict[frozenset[str], list[str]] = {}
-    for job in jobs:
-        for row in rows:
-            extra = row.split()
-            keys = {key_of(o) for o in extra}
-            new = [o for o in job if key_of(o) not in keys] + extra
-            crossed.setdefault(frozenset(new), new)  # the first occurrence keeps its place
-    return list(crossed.values())
 
 
 class RowsSweeper(BasicSweeper):

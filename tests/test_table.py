@@ -1,9 +1,8 @@
-"""The paper sweep and scripts/paper_table.py: a tiny real multirun, its table and figure, and the
+"""The paper sweep and gvae-table (gvae/table.py): a tiny real multirun, its table and figure, and the
 loud failure on a sweep with a missing or failed run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -17,16 +16,12 @@ from hydra import compose
 from omegaconf import OmegaConf
 from PIL import Image
 
+from gvae import table as paper_table
 from gvae.config import hydra_initialized, validate
 from gvae.evaluation import main as gvae_eval
 from tests.conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "paper_table.py"
-spec = importlib.util.spec_from_file_location("paper_table", SCRIPT)
-paper_table = importlib.util.module_from_spec(spec)
-sys.modules["paper_table"] = paper_table  # dataclasses look their module up by name
-spec.loader.exec_module(paper_table)
 
 # The paper sweep shrunk to 2 rows x 2 learning rates x 2 seeds: command-line keys replace the
 # sweep's own keys.
@@ -42,7 +37,9 @@ TINY_SWEEP = [
 
 
 def table(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+    """`gvae-table ARGS`, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "gvae.table", *args], capture_output=True, text=True,
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")

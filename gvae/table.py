@@ -1,9 +1,9 @@
-"""The paper's Table 1 (VAE rows) and Figure 4 from sweeps, beside the paper's numbers.
+"""`gvae-table`: the paper's Table 1 and Figure 4 from sweeps, beside the paper's numbers.
 
     gvae-train -m experiment=cpu_table                                  # or paper_sweep
-    python scripts/paper_table.py chosen outputs/multirun/cpu_table | xargs gvae-eval eval.num_samples=1000
-    python scripts/paper_table.py record outputs/multirun/cpu_table --out docs/results/cpu_table
-    python scripts/paper_table.py render docs/results/cpu_table          # again, from the record alone
+    gvae-table chosen outputs/multirun/cpu_table | xargs gvae-eval eval.num_samples=1000
+    gvae-table record outputs/multirun/cpu_table --out docs/results/cpu_table
+    gvae-table render docs/results/cpu_table          # again, from the record alone
 
 `record` reads every job folder of one or more Hydra multiruns (.hydra/, metrics.json, eval.json,
 failed.json) into DIR/jobs.json, a compact record of every job (overrides, run-defining config,
@@ -13,9 +13,10 @@ protocol's hand-written notes, when present) and nothing else, so it regenerates
 byte for byte. `chosen` prints the run folders of each cell's chosen setting: those that need
 the m = 1000 bound.
 
-Selection never sees the test set: in each cell (latent type, estimator) the setting (a job's
-overrides other than the seed) with the best mean final validation negative ELBO over its seeds
-is chosen, among settings whose seeds all completed; test figures are read for that setting only.
+Selection never sees the test set: in each cell (the row its task gives a run, e.g. the VAE's
+latent type, and the estimator) the setting (a job's overrides of keys that are part of a setting,
+gvae/roles.py: not the seed) with the best mean final validation figure over its seeds is chosen,
+among settings whose seeds all completed; test figures are read for that setting only.
 A cell is reported only when every job of the sweeps has finished (or failed, which is shown):
 a partial average is never reported as if it were complete.
 """
@@ -25,8 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
-import re
 import shlex
 import statistics
 import sys
@@ -41,10 +40,14 @@ from gvae.checkpoint import check_compatible, config_differences, load_checkpoin
 from gvae.config import Config, config_from_dict, container, flatten, import_extensions
 from gvae.errors import GvaeError
 from gvae.files import atomic_write, write_json
-from hydra_plugins.gvae_plugins.rows_sweeper import cross
+from gvae.roles import keys_with, role_of
+from gvae.rows import cross
+from gvae.runs import find_runs, read_json, run_status
+from gvae.tasks import TASKS
 
-# Table 1 of Jang et al. (2017), VAE rows: "negative variational lower bounds (nats)" on the test
-# set, m = 1000 (which bound, see docs/results/*/results.md).
+# Table 1 of Jang et al. (2017): the VAE rows, "negative variational lower bounds (nats)" on the test
+# set, m = 1000 (which bound, see docs/results/*/results.md), and the structured-output (SBN) rows,
+# negative log-likelihoods estimated with m = 1000 (Section 4.1).
 COLUMNS = {  # estimator: the paper's column name, in the paper's order
     "score_function": "SF",
     "darn": "DARN",
@@ -57,14 +60,10 @@ COLUMNS = {  # estimator: the paper's column name, in the paper's order
 PAPER = {
     "Bernoulli (200)": [112.2, 110.9, 109.7, 116.0, 111.5, 105.0, 111.5],
     "categorical (20x10)": [110.6, 128.8, 107.0, 110.9, 107.8, 101.5, 107.8],
+    "SBN Bernoulli (200)": [72.0, 59.7, 58.9, 58.9, 58.7, 58.5, 59.3],
+    "SBN categorical (20x10)": [73.1, 67.9, 63.0, 61.8, 61.1, 59.0, 59.7],
 }
 PAPER_TABLE = {(latent, est): v for latent, row in PAPER.items() for est, v in zip(COLUMNS, row, strict=True)}
-# Overrides that do not change what a job computes: not part of its setting.
-WHERE_DATA_IS = ("data.root", "data.download", "data.mirrors")
-NOT_SETTING = ("seed", "train.resume", "train.compile", "device", *WHERE_DATA_IS, "eval", "hydra")
-# Config keys that say what a run computes (the rest: cadences, evaluation, where data lives).
-RUN_KEYS = ("data", "model", "estimator", "schedule", "optim", "seed", "train.batch_size",
-            "train.max_steps", "train.precision")
 METRICS = ("step", "val_nelbo", "val_nelbo_best", "test_nelbo", "test_bound", "num_samples",
            "steps_per_sec", "wall_seconds", "device_name")
 EVAL = ("step", "val_nelbo", "test_nelbo", "test_bound", "num_samples", "test_relaxed_nelbo",
@@ -72,7 +71,7 @@ EVAL = ("step", "val_nelbo", "test_nelbo", "test_bound", "num_samples", "test_re
 FINAL = ("complete", "failed")  # statuses a table can be made with
 
 
-class TableError(Exception):
+class TableError(GvaeError):
     """The sweeps or the record cannot make a table; the message names the jobs and why."""
 
 
@@ -80,15 +79,29 @@ class TableError(Exception):
 # reading sweeps into a record
 
 
-def latent_label(flat: dict[str, Any]) -> str:
-    if flat["model.latent"] == "bernoulli":
-        return f"Bernoulli ({flat['model.num_vars']})"
-    return f"categorical ({flat['model.num_vars']}x{flat['model.num_classes']})"
+def row_label(cfg: Config) -> str:
+    """The table's row for a run: its task's label ("categorical (20x10)", "SBN Bernoulli (200)")."""
+    return TASKS[cfg.task.name].label(cfg.model, cfg.task)
 
 
-def in_setting(override: str) -> bool:
+def in_setting(override: str, cfg: Config) -> bool:
+    """Whether an override is part of a job's setting: by its key's role in the typed `cfg`, and for
+    keys no schema holds, all but Hydra's own (an experiment's name and helper keys are)."""
     key = override.lstrip("+~").split("=", 1)[0]
-    return not any(key == k or key.startswith(k + ".") for k in NOT_SETTING)
+    role = role_of(cfg, key)
+    if role is None:
+        return not (key == "hydra" or key.startswith(("hydra.", "hydra/")))
+    return role.in_setting
+
+
+def typed(saved: dict[str, Any]) -> Config:
+    """A job's saved config (plain values) as today's typed schema (gvae/config.py)."""
+    return OmegaConf.to_object(config_from_dict(saved))
+
+
+# The roles of keys of a job never started (no config to read them from): a default config's.
+DEFAULT = {"estimator": {"name": "gumbel_softmax"}, "schedule": {"name": "exponential"},
+           "optim": {"_target_": "torch.optim.Adam"}}
 
 
 def expected_jobs(sweep_dir: Path) -> list[frozenset[str]]:
@@ -111,35 +124,12 @@ def expected_jobs(sweep_dir: Path) -> list[frozenset[str]]:
     return [frozenset(job) for job in cross(jobs, list(hydra_cfg.sweeper.get("rows") or []))]
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError as e:
-        raise TableError(f"{path} is not valid JSON ({e})") from e
-
-
-def job_status(folder: Path) -> tuple[str, str | None]:
-    """(status, error): complete, failed, interrupted or unfinished."""
-    failed = read_json(folder / "failed.json")
-    if failed is not None:
-        status = "interrupted" if failed.get("status") == "interrupted" else "failed"
-        return status, failed.get("error", "no message")
-    metrics = read_json(folder / "metrics.json")
-    if metrics is None or metrics.get("status") != "complete":
-        return "unfinished", "no complete metrics.json (crashed, killed or still running)"
-    return "complete", None
-
-
-def _natural(text: str) -> list[Any]:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
-
-
 def check_consistent(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any]) -> None:
     """TableError unless the job's recorded config (.hydra/config.yaml), its checkpoint and its
     metrics.json describe the same run: a folder whose record was rewritten (an old gvae let a
     refused resume do it) would put one setting's figures under another's name."""
     try:
-        recorded = run_defining(flatten(container(config_from_dict(cfg))))
+        recorded = run_defining(config_from_dict(cfg))
         path = folder / "checkpoints" / "last.pt"
         saved = load_checkpoint(path)
         check_compatible(path, saved["config"], container(config_from_dict(cfg)))
@@ -149,29 +139,42 @@ def check_consistent(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any])
     if saved["step"] != metrics.get("step"):
         raise TableError(f"job {folder}: metrics.json is of step {metrics.get('step')}, its checkpoint "
                          f"of step {saved['step']}")
-    if "run_config" in metrics:  # written since 2026-11-28
-        if differ := config_differences(metrics["run_config"], recorded):
+    if "run_config" in metrics:  # written since 2026-11-28; typed again: keys added since take defaults
+        if differ := config_differences(run_defining(config_from_dict(unflatten(metrics["run_config"]))),
+                                        recorded):
             details = "; ".join(f"{k}: {a!r} in metrics.json, {b!r} in .hydra/config.yaml"
                                 for k, a, b in differ)
             raise TableError(f"job {folder}: its metrics and its config disagree ({details})")
 
 
+def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    """{dotted.key: value} back into nested dicts."""
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
 def job_record(folder: Path, sweep_name: str, sweep_dir: Path) -> dict[str, Any]:
     overrides = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
     cfg = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=True)
-    # Only the trainer's own keys: a sweep may add helper keys (paper_sweep's +row).
-    flat = flatten({f.name: cfg[f.name] for f in dataclasses.fields(Config) if f.name in cfg})
-    status, error = job_status(folder)
+    # Only the trainer's own keys (a sweep may add helper keys), typed: defaults for keys added since.
+    schema = typed({f.name: cfg[f.name] for f in dataclasses.fields(Config) if f.name in cfg})
+    flat = flatten(container(schema))
+    status, error = run_status(folder)
     metrics = read_json(folder / "metrics.json") if status == "complete" else None
     if metrics is not None:
         check_consistent(folder, cfg, metrics)
     evaluation = read_json(folder / "eval.json") if status == "complete" else None
     return {
         "job": f"{sweep_name}/{folder.relative_to(sweep_dir).as_posix()}",
-        "latent": latent_label(flat), "estimator": flat["estimator.name"], "seed": flat["seed"],
-        "setting": sorted(o for o in overrides if in_setting(o)),
-        "config": {k: v for k, v in sorted(flat.items()) if k not in WHERE_DATA_IS
-                   and any(k == r or k.startswith(r + ".") for r in RUN_KEYS)},
+        "latent": row_label(schema), "estimator": flat["estimator.name"], "seed": flat["seed"],
+        "setting": sorted(o for o in overrides if in_setting(o, schema)),
+        "config": dict(sorted(keys_with(schema, flat, "in_record").items())),
         # Relative to the sweep, like "job": a committed record names no folder of this machine.
         "status": status, "error": error and error.replace(str(sweep_dir.resolve()), sweep_name),
         "metrics": {k: metrics.get(k) for k in METRICS} if metrics else None,
@@ -186,14 +189,17 @@ def read_sweeps(sweep_dirs: list[Path]) -> dict[str, Any]:
     for sweep_dir in sweep_dirs:
         name = sweep_dir.name
         expected = expected_jobs(sweep_dir)
-        folders = sorted((p.parent.parent for p in sweep_dir.glob("**/.hydra/config.yaml")),
-                         key=lambda p: _natural(str(p)))
+        folders = find_runs([sweep_dir]) if any(sweep_dir.glob("**/.hydra/config.yaml")) else []
         found = {frozenset(map(str, OmegaConf.load(f / ".hydra" / "overrides.yaml"))): f for f in folders}
         task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
         sweeps.append({"name": name, "command": shlex.join(["gvae-train", "-m", *task]),
                        "jobs": len(expected)})
-        jobs += [job_record(f, name, sweep_dir) for f in folders]
-        jobs += [{"job": f"{name}/(not started)", "setting": sorted(o for o in job if in_setting(o)),
+        records = [job_record(f, name, sweep_dir) for f in folders]
+        jobs += records
+        roles_from = typed(OmegaConf.to_container(OmegaConf.load(folders[0] / ".hydra" / "config.yaml"),
+                                                  resolve=True)) if folders else typed(DEFAULT)
+        jobs += [{"job": f"{name}/(not started)",
+                  "setting": sorted(o for o in job if in_setting(o, roles_from)),
                   "overrides": sorted(job), "status": "missing", "error": "no job folder"}
                  for job in expected if job not in found]
     return {"sweeps": sweeps, "jobs": jobs}
@@ -314,7 +320,7 @@ def markdown(record: dict[str, Any], cells: list[Cell], notes: str) -> str:
     lines = [
         f"# {record['title']}",
         "",
-        "Generated by `python scripts/paper_table.py render` from `jobs.json` (every job's record) and "
+        "Generated by `gvae-table render` from `jobs.json` (every job's record) and "
         "`notes.md`; do not edit by hand.",
         "",
         f"Sweeps: {sweeps}. {len(jobs)} jobs: {len(complete)} complete, {len(jobs) - len(complete)} failed. "
@@ -435,7 +441,7 @@ def render(out: Path) -> str:
     """results.md and figure.png in `out` from its jobs.json (and notes.md); returns the markdown."""
     record = read_json(out / "jobs.json")
     if record is None:
-        raise TableError(f"{out / 'jobs.json'} does not exist: run `paper_table.py record` first")
+        raise TableError(f"{out / 'jobs.json'} does not exist: run `gvae-table record` first")
     check_finished(record)
     cells = select(record)
     notes_path = out / "notes.md"
@@ -465,7 +471,7 @@ def chosen_folders(sweep_dirs: list[Path]) -> tuple[list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="gvae-table", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     rec = sub.add_parser("record", help="read sweeps into OUT/jobs.json, then render it if complete")
@@ -493,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
             done = sum(j["status"] in FINAL for j in record["jobs"])
             print(f"wrote {args.out / 'jobs.json'}: {done} of {len(record['jobs'])} jobs finished")
         text = render(args.out)
-    except TableError as e:
+    except GvaeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(text)
