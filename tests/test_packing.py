@@ -87,10 +87,11 @@ def test_every_estimator_trains_packed_as_it_trains_alone(task, name, latent):
     """Two runs that differ in seed, learning rate, starting temperature (and a float option of the
     estimator when it has one) packed, against each alone, after 12 steps: parameters, estimator
     state and optimizer state agree to rounding. Not always to the bit: a batched product's
-    gradient rounds a few elements differently from a plain one (measured on this CPU, the run at
-    the pack's learning rate: 0 to 60 parameter elements off by at most 1.5e-8 after 12 steps, none
-    after 2); the other run's update is the pack's rescaled by lr_s / lr_0, which rounds too. A wrong
-    batch, noise draw or temperature moves parameters by about the learning rate (1e-3) instead."""
+    gradient rounds a few elements differently from a plain one (measured on this CPU in five
+    combinations, the run at the pack's learning rate: 0 to 60 parameter elements off by at most
+    1.5e-8 after 12 steps, none after 2); the other run's update is the pack's rescaled by
+    lr_s / lr_0, which rounds too. A wrong batch, noise draw or temperature moves parameters by
+    about the learning rate (1e-3) instead."""
     floats = [f for f, v in vars(ESTIMATORS[name].config()).items() if isinstance(v, float)]
     runs = [["seed=0", "optim.lr=1e-3"], ["seed=1", "optim.lr=2e-3", "schedule.tau0=0.8",
                                           *([f"estimator.{floats[0]}=0.7"] if floats else [])]]
