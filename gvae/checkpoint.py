@@ -106,15 +106,16 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def _tensors(tree: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+def tensors(tree: Any, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor in nested dicts and lists, named from `prefix`."""
     if torch.is_tensor(tree):
         yield prefix, tree
     elif isinstance(tree, dict):
         for k, v in tree.items():
-            yield from _tensors(v, f"{prefix}.{k}")
+            yield from tensors(v, f"{prefix}.{k}")
     elif isinstance(tree, (list, tuple)):
         for i, v in enumerate(tree):
-            yield from _tensors(v, f"{prefix}[{i}]")
+            yield from tensors(v, f"{prefix}[{i}]")
 
 
 def _check_entries(path: Path, state: dict[str, Any]) -> None:
@@ -127,7 +128,7 @@ def _check_entries(path: Path, state: dict[str, Any]) -> None:
     if state["step"] < 0:
         raise CheckpointError(f"{path} is damaged: step {state['step']}")
     for key in ("model", "estimator", "optimizer"):
-        for name, tensor in _tensors(state[key], key):
+        for name, tensor in tensors(state[key], key):
             if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
                 raise CheckpointError(f"{path} holds non-finite values in {name}: a run is never "
                                       "saved so; the file is damaged")

@@ -201,11 +201,10 @@ def import_extensions() -> None:
 
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore, and the help's resolvers in OmegaConf (idempotent).
-    The estimators' schemas are stored by their @register."""
+    The estimators' and the tasks' schemas are stored by their @register and @register_task."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
-    tasks = {name: cls.config for name, cls in TASKS.items()}
-    for group, options in (("data", DATASETS), ("task", tasks), ("schedule", SCHEDULES),
+    for group, options in (("data", DATASETS), ("schedule", SCHEDULES),
                            ("optim", {"adam": AdamConfig, "sgd": SGDConfig})):
         for name, node in options.items():
             cs.store(group=group, name=f"{name}_schema", node=node)

@@ -142,7 +142,6 @@ class PackedEngine(Engine):
 
     def __init__(self, cfgs: list[Config], parts: list[RunParts], splits: Splits, step: int, mode: StepMode,
                  graphs: Graphs | None = None):
-        check_packable(cfgs)
         self.device, self.splits, self.runs = splits.train.device, splits, parts
         first = cfgs[0]
         self.mode = mode.value
@@ -211,6 +210,9 @@ def build_engine(cfgs: list[Config], saved: list[dict | None], splits: Splits | 
     if len(steps) > 1:
         raise ValueError(f"runs at steps {sorted(steps)} cannot train in one pack")
     (step,) = steps
+    packed = len(cfgs) > 1 or pack
+    if packed:
+        check_packable(cfgs)
     device = resolve_device(cfgs[0].device)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls
@@ -220,9 +222,9 @@ def build_engine(cfgs: list[Config], saved: list[dict | None], splits: Splits | 
     for cfg, state in zip(cfgs, saved, strict=True):
         run, splits = build_run(cfg, state, splits, mode)
         parts.append(run)
-    if len(cfgs) == 1 and not pack:
-        return SingleEngine(cfgs[0], parts[0], splits, step, mode, graphs)
-    return PackedEngine(cfgs, parts, splits, step, mode, graphs)
+    if packed:
+        return PackedEngine(cfgs, parts, splits, step, mode, graphs)
+    return SingleEngine(cfgs[0], parts[0], splits, step, mode, graphs)
 
 
 # -----------------------------------------------------------------------------

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("items", nargs="+", metavar="RUN_OR_SWEEP | key=value",
                         help="run folders, sweep folders (every job in them), and overrides of the keys "
-                        "evaluation may set (eval.*, device, data.root, data.download, data.mirrors)")
+                        "evaluation may set (eval.*, device, where the data are: gvae/roles.py)")
     parser.add_argument("--force", action="store_true", help="evaluate runs that eval.json says are done")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gvae import checkpoint as ckpt
 from gvae.config import Config, container, validate
-from gvae.engine import build_engine, check_packable
+from gvae.engine import build_engine
 from gvae.errors import GvaeError, JobFailed, NonFiniteError
 from gvae.run_folder import RunFolder, describe_failure, logging_to, write_failure
 from gvae.trainer import Run
@@ -108,13 +108,10 @@ def train_opened(opened: list[OpenedRun], settings: list[dict[str, Any]],
     todo = [i for i, o in enumerate(opened) if o.finished is None]
     if not todo:
         return results
-    if len(todo) > 1:  # refused before anything is written
-        check_packable([opened[i].config for i in todo])
-    if len({opened[i].step for i in todo}) > 1:
-        raise ValueError(f"runs at steps {sorted({opened[i].step for i in todo})} cannot train in one pack")
+    # Built before a folder is made: runs that cannot share a pack are refused with nothing written.
+    engine = build_engine([opened[i].config for i in todo], [opened[i].checkpoint for i in todo])
     for i in todo:
         opened[i].out_dir.mkdir(parents=True, exist_ok=True)
-    engine = build_engine([opened[i].config for i in todo], [opened[i].checkpoint for i in todo])
     runs = [Run(opened[i].config, container(opened[i].cfg), opened[i].out_dir, parts, opened[i].checkpoint,
                 settings[i], label=f"{opened[i].out_dir.name}: " if len(todo) > 1 else "")
             for i, parts in zip(todo, engine.runs, strict=True)]

@@ -48,18 +48,15 @@ LOCATION = Role("location", defines_run=False, in_record=False, per_run=True, in
                 eval_may_set=True)
 
 
-def _field(role: Role, default: Any = dataclasses.MISSING, default_factory: Any = dataclasses.MISSING) -> Any:
+def role_field(role: Role, default: Any = dataclasses.MISSING,
+               default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with `role`."""
     return dataclasses.field(default=default, default_factory=default_factory, metadata={ROLE: role})
 
 
 def per_run(default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
     """A field the runs of one pack may differ in (a learning rate, a float estimator option)."""
-    return _field(PER_RUN, default, **kwargs)
-
-
-def role_field(role: Role, default: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
-    """A field with `role`."""
-    return _field(role, default, **kwargs)
+    return role_field(PER_RUN, default, **kwargs)
 
 
 def roles(cfg: Any, inherited: Role = RUN, prefix: str = "") -> Iterator[tuple[str, Role]]:

@@ -59,7 +59,8 @@ def run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     allowed = {k for k, role in roles(OmegaConf.to_object(cfg)) if role.eval_may_set}
     for override in overrides:
         key, sep, _ = override.partition("=")
-        if not sep or not any(key == a or key.startswith(a + ".") for a in allowed):  # a typo: merge names it
+        # A key under an allowed group passes here, so that a misspelt one is named by the merge below.
+        if not sep or not any(key == a or key.startswith(a + ".") for a in allowed):
             raise ConfigError(f"{override!r}: only {settable(allowed)} may be set here (key=value)")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([override]))

@@ -162,8 +162,8 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 def job_record(folder: Path, sweep_name: str, sweep_dir: Path) -> dict[str, Any]:
     overrides = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
     cfg = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=True)
-    # Only the trainer's own keys (a sweep may add helper keys), typed: defaults for keys added since.
-    schema = typed({f.name: cfg[f.name] for f in dataclasses.fields(Config) if f.name in cfg})
+    # Typed (only the trainer's own keys: a sweep may add helper keys; defaults for keys added since).
+    schema = typed(cfg)
     flat = flatten(container(schema))
     status, error = run_status(folder)
     metrics = read_json(folder / "metrics.json") if status == "complete" else None
@@ -194,8 +194,7 @@ def read_sweeps(sweep_dirs: list[Path]) -> dict[str, Any]:
         task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
         sweeps.append({"name": name, "command": shlex.join(["gvae-train", "-m", *task]),
                        "jobs": len(expected)})
-        records = [job_record(f, name, sweep_dir) for f in folders]
-        jobs += records
+        jobs += [job_record(f, name, sweep_dir) for f in folders]
         roles_from = typed(OmegaConf.to_container(OmegaConf.load(folders[0] / ".hydra" / "config.yaml"),
                                                   resolve=True)) if folders else typed(DEFAULT)
         jobs += [{"job": f"{name}/(not started)",

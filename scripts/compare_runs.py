@@ -12,27 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from gvae.checkpoint import load_checkpoint
+from gvae.checkpoint import load_checkpoint, tensors
 
 PARTS = ("model", "estimator", "optimizer", "sampler")
 FIGURES = ("step", "val_nelbo", "val_nelbo_best", "test_nelbo", "test_bound", "val_curve")
-
-
-def tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    if torch.is_tensor(tree):
-        yield prefix, tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from tensors(v, f"{prefix}.{k}")
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from tensors(v, f"{prefix}[{i}]")
 
 
 def differences(a: Path, b: Path) -> list[str]:
@@ -67,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         found = differences(args.before / run, args.after / run)
         saved = load_checkpoint(args.before / run / "checkpoints" / "last.pt")
-        elements = sum(t.numel() for part in PARTS for _, t in tensors(saved[part]))
+        elements = sum(t.numel() for part in PARTS for _, t in tensors(saved[part], part))
         print(f"{run}: " + ("identical" if not found else "DIFFERENT") + f" ({elements} checkpoint elements)")
         for line in found[:10]:
             print(f"  {line}")
