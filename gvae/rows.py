@@ -23,3 +23,14 @@ def cross(jobs: list[list[str]], rows: list[str]) -> list[list[str]]:
             new = [o for o in job if key_of(o) not in keys] + extra
             crossed.setdefault(frozenset(new), new)  # the first occurrence keeps its place
     return list(crossed.values())
+
+
+# What a halving sweep (gvae/halving.py) adds to a job's overrides at each rung: how long it trains
+# (the rung's steps), that it resumes its own folder, and which folder that is (its number).
+HALVING_KEYS = ("train.max_steps", "train.resume", "hydra.sweep.subdir")
+
+
+def halving_job(overrides: list[str], steps: int, num: int) -> list[str]:
+    """A job's overrides at a rung of `steps` steps, in the folder of job number `num`."""
+    return [o for o in overrides if key_of(o) not in HALVING_KEYS] + [
+        f"train.max_steps={steps}", "train.resume=true", f"hydra.sweep.subdir={num}"]

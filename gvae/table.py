@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import math
 import shlex
 import statistics
 import sys
@@ -40,8 +41,11 @@ from gvae.checkpoint import check_compatible, config_differences, load_checkpoin
 from gvae.config import Config, config_from_dict, container, flatten, import_extensions
 from gvae.errors import GvaeError
 from gvae.files import atomic_write, write_json
+from gvae.halving import HalvingConfig, value_at
+from gvae.halving import cells as halving_cells
+from gvae.halving import rung as halving_rung
 from gvae.roles import keys_with, role_of
-from gvae.rows import cross
+from gvae.rows import HALVING_KEYS, cross, key_of
 from gvae.runs import find_runs, read_json, run_status
 from gvae.tasks import TASKS
 
@@ -64,10 +68,11 @@ PAPER = {
     "SBN categorical (20x10)": [73.1, 67.9, 63.0, 61.8, 61.1, 59.0, 59.7],
 }
 PAPER_TABLE = {(latent, est): v for latent, row in PAPER.items() for est, v in zip(COLUMNS, row, strict=True)}
-METRICS = ("step", "val_nelbo", "val_nelbo_best", "test_nelbo", "test_bound", "num_samples",
-           "steps_per_sec", "wall_seconds", "device_name")
-EVAL = ("step", "val_nelbo", "test_nelbo", "test_bound", "num_samples", "test_relaxed_nelbo",
-        "relaxed_tau", "wall_seconds", "device_name")
+METRICS = ("step", "val_nelbo", "val_nelbo_best", "test_nelbo", "test_bound", "test_literal_bound",
+           "num_samples", "steps_per_sec", "wall_seconds", "device_name")
+EVAL = ("step", "val_nelbo", "test_nelbo", "test_bound", "test_literal_bound", "num_samples",
+        "test_relaxed_nelbo", "relaxed_tau", "wall_seconds", "device_name")
+READINGS = ("test_nelbo", "test_bound", "test_literal_bound")  # the figures set beside the paper's
 FINAL = ("complete", "failed")  # statuses a table can be made with
 
 
@@ -104,10 +109,24 @@ DEFAULT = {"estimator": {"name": "gumbel_softmax"}, "schedule": {"name": "expone
            "optim": {"_target_": "torch.optim.Adam"}}
 
 
+def halving_of(sweep_dir: Path) -> HalvingConfig | None:
+    """The sweep's successive halving (hydra.sweeper.halving with rungs), or None."""
+    sweeper = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.sweeper
+    found = sweeper.get("halving")
+    return HalvingConfig(**OmegaConf.to_container(found)) if found and found.get("rungs") else None
+
+
+def job_overrides(overrides) -> frozenset[str]:
+    """A halving sweep's job's overrides without those the sweep sets at each rung (gvae/rows.py:
+    the job is the same one at every rung, whatever length the command line gave)."""
+    return frozenset(o for o in overrides if key_of(o) not in HALVING_KEYS)
+
+
 def expected_jobs(sweep_dir: Path) -> list[frozenset[str]]:
     """The overrides of every job the sweep launches: the product of its swept values, as Hydra's
     basic sweeper forms it from hydra.sweeper.params and the command line (which wins per key),
-    crossed with the rows of the rows sweeper (hydra/sweeper=rows) when there are any."""
+    crossed with the rows of the rows sweeper (hydra/sweeper=rows) when there are any. (A halving
+    sweep's grid: the seeds of its choices depend on the decisions, halving_jobs.)"""
     path = sweep_dir / "multirun.yaml"
     if not path.is_file():
         raise TableError(f"{path} is missing: {sweep_dir} is not the folder of a Hydra multirun")
@@ -159,8 +178,9 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def job_record(folder: Path, sweep_name: str, sweep_dir: Path) -> dict[str, Any]:
+def job_record(folder: Path, sweep_name: str, sweep_dir: Path, halving: bool = False) -> dict[str, Any]:
     overrides = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
+    overrides = sorted(job_overrides(overrides)) if halving else overrides
     cfg = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=True)
     # Typed (only the trainer's own keys: a sweep may add helper keys; defaults for keys added since).
     schema = typed(cfg)
@@ -188,20 +208,79 @@ def read_sweeps(sweep_dirs: list[Path]) -> dict[str, Any]:
     sweeps, jobs = [], []
     for sweep_dir in sweep_dirs:
         name = sweep_dir.name
-        expected = expected_jobs(sweep_dir)
+        halving = halving_of(sweep_dir)
+        same = job_overrides if halving else frozenset  # what makes two jobs the same job
+        expected = [same(job) for job in expected_jobs(sweep_dir)]
         folders = find_runs([sweep_dir]) if any(sweep_dir.glob("**/.hydra/config.yaml")) else []
-        found = {frozenset(map(str, OmegaConf.load(f / ".hydra" / "overrides.yaml"))): f for f in folders}
+        found = {same(map(str, OmegaConf.load(f / ".hydra" / "overrides.yaml"))): f for f in folders}
         task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
         sweeps.append({"name": name, "command": shlex.join(["gvae-train", "-m", *task]),
-                       "jobs": len(expected)})
-        jobs += [job_record(f, name, sweep_dir) for f in folders]
+                       "jobs": len(expected) + (len(halving_seed_jobs(expected, halving)) if halving else 0),
+                       **({"halving": dataclasses.asdict(halving)} if halving else {})})
+        records = {overrides: job_record(f, name, sweep_dir, bool(halving)) for overrides, f in found.items()}
         roles_from = typed(OmegaConf.to_container(OmegaConf.load(folders[0] / ".hydra" / "config.yaml"),
                                                   resolve=True)) if folders else typed(DEFAULT)
-        jobs += [{"job": f"{name}/(not started)",
-                  "setting": sorted(o for o in job if in_setting(o, roles_from)),
-                  "overrides": sorted(job), "status": "missing", "error": "no job folder"}
-                 for job in expected if job not in found]
+
+        def missing(job: frozenset[str], name: str = name, roles_from: Config = roles_from) -> dict[str, Any]:
+            return {"job": f"{name}/(not started)",
+                    "setting": sorted(o for o in job if in_setting(o, roles_from)),
+                    "overrides": sorted(job), "status": "missing", "error": "no job folder"}
+
+        if halving:
+            jobs += halving_jobs(expected, records, halving, missing)
+        else:
+            jobs += list(records.values()) + [missing(job) for job in expected if job not in found]
     return {"sweeps": sweeps, "jobs": jobs}
+
+
+def halving_seed_jobs(grid: list[frozenset[str]], halving: HalvingConfig) -> list[int]:
+    """One entry per seed job the halving adds: its seeds for each cell's choice."""
+    return [seed for _ in halving_cells({job: list(job) for job in grid}, halving.cell)
+            for seed in halving.seeds]
+
+
+def halving_jobs(grid: list[frozenset[str]], records: dict[frozenset[str], dict], halving: HalvingConfig,
+                 missing) -> list[dict[str, Any]]:
+    """A halving sweep's job records, in grid order then the seeds: each grid job as found (a survivor
+    not yet at its next rung is "unfinished") or missing, and for each cell whose rungs are all
+    decided its choice's seeds, found or missing. The decisions are gvae/halving.py's, from the
+    validation curves of the records alone, as the sweeper made them."""
+    out = [dict(records[job], grid=True) if job in records else missing(job) for job in grid]
+    by_job = dict(zip(grid, out, strict=True))
+    for cell_jobs in halving_cells({job: sorted(job) for job in grid}, halving.cell).values():
+        decided = halving_decisions(cell_jobs, by_job, halving)
+        if decided is None:
+            continue
+        (choice,) = decided[-1].survivors
+        for seed in halving.seeds:
+            job = frozenset([*(o for o in choice if key_of(o) != "seed"), f"seed={seed}"])
+            out.append(dict(records[job], grid=False) if job in records else missing(job))
+    return out
+
+
+def halving_decisions(cell_jobs: list, by_job: dict, halving: HalvingConfig):
+    """The rungs of one cell from its grid jobs' records, or None while a rung is not decided (one of
+    its jobs missing, unfinished or not yet trained to it); a survivor not yet trained to the next
+    rung is marked unfinished in place."""
+    def score(job, steps: int) -> float:
+        return value_at(by_job[job].get("val_curve"), steps)
+
+    alive = list(cell_jobs)
+    rungs = []
+    for i, steps in enumerate(halving.rungs):
+        waiting = False
+        for job in alive:
+            record = by_job[job]
+            reached = record["status"] == "complete" and record["metrics"]["step"] >= steps
+            if record["status"] == "complete" and not reached:
+                record["status"], record["error"] = "unfinished", f"halving: to train on to {steps} steps"
+            waiting |= not (reached or record["status"] == "failed")
+        if waiting:
+            return None
+        rungs.append(halving_rung(alive, score, steps, halving.eta, i == len(halving.rungs) - 1,
+                                  halving.min_kept))
+        alive = rungs[-1].survivors
+    return rungs
 
 
 # -----------------------------------------------------------------------------
@@ -243,7 +322,9 @@ def mean_val(jobs: list[dict]) -> float:
 
 def select(record: dict[str, Any]) -> list[Cell]:
     """Per (latent, estimator): the setting with the best mean final validation negative ELBO
-    over its seeds, among the settings whose seeds all completed."""
+    over its seeds, among the settings whose seeds all completed; in a halving sweep, the halving's
+    choice (gvae/halving.py), whose seeds must all have completed."""
+    halving = {s["name"]: HalvingConfig(**s["halving"]) for s in record["sweeps"] if s.get("halving")}
     groups: dict[tuple[str, str], dict[tuple[str, ...], list[dict]]] = defaultdict(lambda: defaultdict(list))
     for job in record["jobs"]:
         if job["status"] != "missing":  # a job never started has no config to place it by
@@ -255,7 +336,14 @@ def select(record: dict[str, Any]) -> list[Cell]:
             if len(set(seeds)) != len(seeds):
                 raise TableError(f"the same setting and seed ran twice: {', '.join(j['job'] for j in jobs)}")
         complete = {s: jobs for s, jobs in settings.items() if all(j["status"] == "complete" for j in jobs)}
-        chosen = min(complete, key=lambda s: (mean_val(complete[s]), s)) if complete else None
+        sweep = halving.get(next(iter(next(iter(settings.values()))))["job"].split("/", 1)[0])
+        if sweep is not None:  # the halving's choice, made again from the record's curves
+            grid = {j["job"]: j for jobs in settings.values() for j in jobs if j.get("grid")}
+            decided = halving_decisions(list(grid), grid, sweep)
+            choice = tuple(grid[decided[-1].survivors[0]]["setting"]) if decided else None
+            chosen = choice if choice in complete else None
+        else:
+            chosen = min(complete, key=lambda s: (mean_val(complete[s]), s)) if complete else None
         cells.append(Cell(latent, estimator, dict(settings), chosen))
     order = {name: i for i, name in enumerate(COLUMNS)}
     return sorted(cells, key=lambda c: (c.latent, order.get(c.estimator, len(order)), c.estimator))
@@ -306,6 +394,88 @@ def name(cell: Cell) -> str:
     return COLUMNS.get(cell.estimator, f"{cell.estimator}{BEYOND}")
 
 
+def literal(test: list[dict]) -> str:
+    """The literal reading's mean ± std, or "not measured" when a run's record lacks it."""
+    if all("test_literal_bound" in f for f in test):
+        return mean_std([f["test_literal_bound"] for f in test])
+    return "not measured"
+
+
+def mean_curve(cell: Cell) -> list[tuple[int, float]]:
+    """The chosen setting's validation curve, the mean over its seeds at each step."""
+    curves = [j["val_curve"] for j in cell.runs]
+    steps = [s for s, _ in curves[0]]
+    if any([s for s, _ in c] != steps for c in curves):
+        raise TableError(f"{cell.latent} {cell.estimator}: seeds evaluated at different steps")
+    return [(step, statistics.fmean(v for _, v in points))
+            for step, points in zip(steps, zip(*curves, strict=True), strict=True)]
+
+
+def late_slope(curve: list[tuple[int, float]]) -> float:
+    """Least-squares slope of a curve's last quarter of steps, in nats per 10,000 steps."""
+    last = curve[-1][0]
+    points = [(s, v) for s, v in curve if s >= 0.75 * last]
+    if len(points) < 2:
+        return math.nan
+    mean_s, mean_v = statistics.fmean(s for s, _ in points), statistics.fmean(v for _, v in points)
+    num = sum((s - mean_s) * (v - mean_v) for s, v in points)
+    return 1e4 * num / sum((s - mean_s) ** 2 for s, _ in points)
+
+
+def slope_text(slope: float) -> str:
+    return "—" if math.isnan(slope) else f"{slope:+.2f}"  # too few points to fit
+
+
+WITHIN = 2.0  # nats: a cell this close to the paper's figure needs no explanation
+
+
+def distance_to_paper(cells: list[Cell], figures: dict[int, list[dict]], m: int) -> list[str]:
+    """Each paper cell's distance (gvae's mean minus the paper's figure) on each figure, with the
+    cells more than WITHIN nats away on every reading marked."""
+    rows = [c for c in cells if c.chosen and (c.latent, c.estimator) in PAPER_TABLE]
+    if not rows:
+        return []
+    lines = ["", "## Distance to the paper", "",
+             f"gvae's mean minus the paper's figure, per reading (nats). **within {WITHIN:g}**: whether "
+             f"some reading lies within {WITHIN:g} nats of the paper's figure; every other cell needs an "
+             "explanation from a measurement (notes below).", "",
+             f"| latent | estimator | paper | Δ test -ELBO | Δ test bound (m={m}) | Δ literal (m={m}) | "
+             f"within {WITHIN:g} |", "|---|---|---|---|---|---|---|"]
+    for c in rows:
+        paper, test = PAPER_TABLE[c.latent, c.estimator], figures[id(c)]
+        deltas = {k: statistics.fmean(f[k] for f in test) - paper
+                  for k in READINGS if all(k in f for f in test)}
+        shown = [f"{deltas[k]:+.2f}" if k in deltas else "not measured" for k in READINGS]
+        close = "yes" if any(abs(d) <= WITHIN for d in deltas.values()) else "**no**"
+        lines.append(f"| {c.latent} | {name(c)} | {paper:.1f} | {' | '.join(shown)} | {close} |")
+    return lines
+
+
+def halving_rungs(record: dict[str, Any], cells: list[Cell]) -> list[str]:
+    """For a halving sweep: per cell, how many settings trained to each rung and which went on."""
+    halving = {s["name"]: s["halving"] for s in record["sweeps"] if s.get("halving")}
+    if not halving:
+        return []
+    lines = ["", "## Successive halving", "",
+             "Each cell's settings (seed 0) trained to the first rung; at each rung the best ceil(n/eta) "
+             "(at least min_kept) by the validation -ELBO at that step went on by resuming; at the last "
+             "rung the best alone, "
+             "the cell's choice, was then trained with more seeds. "
+             + "; ".join(f"`{n}`: rungs {h['rungs']} steps, eta {h['eta']}, at least {h['min_kept']} kept, "
+                         f"seeds {h['seeds']}"
+                         for n, h in halving.items()) + ".", "",
+             "| latent | estimator | settings per rung | choice |", "|---|---|---|---|"]
+    for c in cells:
+        sweep = halving.get(next(iter(c.settings.values()))[0]["job"].split("/", 1)[0])
+        if sweep is None:
+            continue
+        grid = {j["job"]: j for jobs in c.settings.values() for j in jobs if j.get("grid")}
+        decided = halving_decisions(list(grid), grid, HalvingConfig(**sweep)) or []
+        counts = " → ".join(f"{len(r.scores)} at {r.steps}" for r in decided)
+        lines.append(f"| {c.latent} | {name(c)} | {counts} | {c.label(c.chosen) if c.chosen else '—'} |")
+    return lines
+
+
 def markdown(record: dict[str, Any], cells: list[Cell], notes: str) -> str:
     m = record["num_samples"]
     jobs = record["jobs"]
@@ -332,24 +502,28 @@ def markdown(record: dict[str, Any], cells: list[Cell], notes: str) -> str:
         "without looking at test figures; then its seeds' test figures, mean ± std over n seeds, with "
         "exact samples and the analytic KL: **test -ELBO**, the single-sample negative ELBO, and "
         f"**test bound**, -log (1/m) Σ p(x, z_i)/q(z_i | x) with m = {m}. Both are upper bounds on "
-        "-log p(x). Paper: Jang et al. (2017), Table 1. Nats, lower is better.",
+        "-log p(x). **literal**: -(1/m) Σ log p(x, z_i)/q(z_i | x) over the same samples, the paper's "
+        "printed formula read with the log inside the mean (its expectation is the -ELBO's; with the "
+        "sampled KL); *not measured* where the record has no such figure. **val slope**: the slope of "
+        "the chosen setting's mean validation curve over its last quarter, in nats per 10,000 steps (a "
+        "negative slope: still falling). Paper: Jang et al. (2017), Table 1. Nats, lower is better.",
         "",
-        f"| latent | estimator | paper | test -ELBO | test bound (m={m}) | n | val -ELBO "
-        "| chosen on validation | failed settings |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| latent | estimator | paper | test -ELBO | test bound (m={m}) | literal (m={m}) | n | val -ELBO "
+        "| val slope | chosen on validation | failed settings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         paper = PAPER_TABLE.get((cell.latent, cell.estimator))
         head = f"| {cell.latent} | {name(cell)} | {'—' if paper is None else f'{paper:.1f}'} |"
         failed = "; ".join(cell.failed_settings()) or "—"
         if cell.chosen is None:
-            lines.append(f"{head} all runs failed | — | 0 | — | — | {failed} |")
+            lines.append(f"{head} all runs failed | — | — | 0 | — | — | — | {failed} |")
             continue
         test = figures[id(cell)]
         val = mean_std([j["metrics"]["val_nelbo"] for j in cell.runs])
         lines.append(f"{head} {mean_std([f['test_nelbo'] for f in test])} | "
-                     f"{mean_std([f['test_bound'] for f in test])} | {len(test)} | {val} | "
-                     f"{cell.label(cell.chosen)} | {failed} |")
+                     f"{mean_std([f['test_bound'] for f in test])} | {literal(test)} | {len(test)} | {val} | "
+                     f"{slope_text(late_slope(mean_curve(cell)))} | {cell.label(cell.chosen)} | {failed} |")
 
     if any(c.estimator not in COLUMNS for c in cells):
         lines += ["", f"{BEYOND} beyond the paper: an estimator published since, trained and chosen by the "
@@ -367,6 +541,9 @@ def markdown(record: dict[str, Any], cells: list[Cell], notes: str) -> str:
         for c in done:
             lines.append(f"| {latent} | {name(c)} | {paper.get(c.estimator, '—')} | "
                          f"{by['test_nelbo'][c.estimator]} | {by['test_bound'][c.estimator]} |")
+
+    lines += distance_to_paper(cells, figures, m)
+    lines += halving_rungs(record, cells)
 
     relaxed = [c for c in cells if c.chosen and all("test_relaxed_nelbo" in f for f in figures[id(c)])]
     if relaxed:
@@ -387,16 +564,18 @@ def markdown(record: dict[str, Any], cells: list[Cell], notes: str) -> str:
 
     lines += ["", "## Every job", "",
               "Validation figures only: test figures are read for the chosen settings alone.", "",
-              "| job | latent | estimator | setting | seed | status | final val -ELBO | best val -ELBO |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| job | latent | estimator | setting | seed | status | steps | final val -ELBO "
+              "| best val -ELBO |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for cell in cells:
         for setting, setting_jobs in cell.settings.items():
             for j in sorted(setting_jobs, key=lambda j: j["seed"]):
                 if j["status"] == "complete":
                     metrics = j["metrics"]
-                    status, val = "complete", f"{metrics['val_nelbo']:.2f} | {metrics['val_nelbo_best']:.2f}"
+                    status, val = "complete", (f"{metrics['step']} | {metrics['val_nelbo']:.2f} | "
+                                               f"{metrics['val_nelbo_best']:.2f}")
                 else:
-                    status, val = f"{j['status']}: {j['error']}", "— | —"
+                    status, val = f"{j['status']}: {j['error']}", "— | — | —"
                 lines.append(f"| {j['job']} | {cell.latent} | {name(cell)} | {cell.label(setting)} | "
                              f"{j['seed']} | {status} | {val} |")
     return "\n".join(lines) + "\n"
@@ -415,11 +594,7 @@ def figure(cells: list[Cell], path: Path) -> None:
     colors = {name: plt.get_cmap("tab10")(i) for i, name in enumerate(sorted({c.estimator for c in cells}))}
     for ax, latent in zip(axes[0], latents, strict=True):
         for cell in (c for c in cells if c.latent == latent and c.chosen):
-            curves = [j["val_curve"] for j in cell.runs]
-            steps = [s for s, _ in curves[0]]
-            if any([s for s, _ in c] != steps for c in curves):
-                raise TableError(f"{latent} {cell.estimator}: seeds evaluated at different steps")
-            mean = [statistics.fmean(v for _, v in points) for points in zip(*curves, strict=True)]
+            steps, mean = zip(*mean_curve(cell), strict=True)
             color = colors[cell.estimator]
             ax.plot(steps, mean, label=name(cell), color=color)
             test = statistics.fmean(j["eval"]["test_nelbo"] if j["eval"] else j["metrics"]["test_nelbo"]

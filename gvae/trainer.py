@@ -284,9 +284,11 @@ def finish(run: Run, engine: Engine, step: int, steps_per_sec: float, wall_secon
     test_nelbo, test_bound = test["test_nelbo"], test["test_bound"]
     run.writer.add_scalar("test/nelbo", test_nelbo, step)
     run.writer.add_scalar("test/bound", test_bound, step)
+    run.writer.add_scalar("test/literal_bound", test["test_literal_bound"], step)
     metrics = {
         "status": "complete", "step": step, "val_nelbo": last_val, "val_nelbo_best": run.best_val,
-        "test_nelbo": test_nelbo, "test_bound": test_bound, "num_samples": evaluation.num_samples,
+        "test_nelbo": test_nelbo, "test_bound": test_bound, "test_literal_bound": test["test_literal_bound"],
+        "num_samples": evaluation.num_samples,
         # steps_per_sec: this process's training rate; wall_seconds: the whole run's, every process
         # that trained it (up to its last checkpoint) included.
         "steps_per_sec": steps_per_sec, "wall_seconds": run.wall_before + wall_seconds, "device": str(device),

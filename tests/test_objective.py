@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gvae.evaluation import multi_sample_bound, negative_elbo
+from gvae.evaluation import multi_sample_bound, multi_sample_bounds, negative_elbo
 from gvae.objective import TrainStats, recon_nll
 from gvae.tasks.vae import VAE
 from tests.conftest import compose_config
@@ -74,6 +74,25 @@ def test_multi_sample_bound_with_one_sample_is_the_single_sample_bound():
     m1 = multi_sample_bound(model, x.repeat(reps, 1), _identity, num_samples=1, max_rows=6000, generator=g)
     # m = 1: log p(x, z) - log q(z | x) at one sample, whose mean is the ELBO.
     assert m1.item() == pytest.approx(exact_nelbo.mean().item(), abs=0.5)
+
+
+@pytest.mark.parametrize("max_rows", [100_000, 700])
+def test_the_literal_reading_estimates_the_elbo_whatever_m_and_never_lies_below_the_bound(max_rows):
+    """The paper's printed m-sample formula with the log inside the mean: -(1/m) sum_i log w_i. Its
+    expectation is the negative ELBO for every m, so with m = 5000 it sits on the exact ELBO, far
+    above the log-of-the-mean bound from the same samples."""
+    model, x = _small_vae_and_data()
+    exact_nll, exact_nelbo = _exact(model, x)
+    g = torch.Generator().manual_seed(2)
+    bound, literal = multi_sample_bounds(model, x, _identity, num_samples=5000, max_rows=max_rows,
+                                         generator=g)
+    assert literal.item() == pytest.approx(exact_nelbo.mean().item(), abs=0.1)
+    assert bound.item() == pytest.approx(exact_nll.mean().item(), abs=0.02)
+    assert literal.item() > bound.item() + 0.1
+    # m = 1: the two readings are the same number.
+    one, same = multi_sample_bounds(model, x, _identity, num_samples=1, max_rows=max_rows,
+                                    generator=torch.Generator().manual_seed(3))
+    assert one.item() == pytest.approx(same.item(), abs=1e-4)
 
 
 def test_the_broadcast_likelihood_of_the_bound_equals_the_training_one():
