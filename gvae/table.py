@@ -422,6 +422,21 @@ def late_slope(curve: list[tuple[int, float]]) -> float:
     return 1e4 * num / sum((s - mean_s) ** 2 for s, _ in points)
 
 
+FLAT = 1.0  # nats: a curve is flat from the step after which it stays this close to its end
+
+
+def flat_from(curve: list[tuple[int, float]]) -> int:
+    """The first step from which the curve stays within FLAT of its final value (its last step:
+    it was still moving more than that at the end)."""
+    end = curve[-1][1]
+    step = curve[-1][0]
+    for at, value in reversed(curve):
+        if abs(value - end) > FLAT:
+            break
+        step = at
+    return step
+
+
 def slope_text(slope: float) -> str:
     return "—" if math.isnan(slope) else f"{slope:+.2f}"  # too few points to fit
 
@@ -506,24 +521,26 @@ def markdown(record: dict[str, Any], cells: list[Cell], notes: str) -> str:
         "printed formula read with the log inside the mean (its expectation is the -ELBO's; with the "
         "sampled KL); *not measured* where the record has no such figure. **val slope**: the slope of "
         "the chosen setting's mean validation curve over its last quarter, in nats per 10,000 steps (a "
-        "negative slope: still falling). Paper: Jang et al. (2017), Table 1. Nats, lower is better.",
+        "negative slope: still falling); **flat from**: the first step from which that curve stays "
+        f"within {FLAT:g} nat of its final value. Paper: Jang et al. (2017), Table 1. Nats, lower is better.",
         "",
         f"| latent | estimator | paper | test -ELBO | test bound (m={m}) | literal (m={m}) | n | val -ELBO "
-        "| val slope | chosen on validation | failed settings |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| val slope | flat from | chosen on validation | failed settings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         paper = PAPER_TABLE.get((cell.latent, cell.estimator))
         head = f"| {cell.latent} | {name(cell)} | {'—' if paper is None else f'{paper:.1f}'} |"
         failed = "; ".join(cell.failed_settings()) or "—"
         if cell.chosen is None:
-            lines.append(f"{head} all runs failed | — | — | 0 | — | — | — | {failed} |")
+            lines.append(f"{head} all runs failed | — | — | 0 | — | — | — | — | {failed} |")
             continue
         test = figures[id(cell)]
         val = mean_std([j["metrics"]["val_nelbo"] for j in cell.runs])
         lines.append(f"{head} {mean_std([f['test_nelbo'] for f in test])} | "
                      f"{mean_std([f['test_bound'] for f in test])} | {literal(test)} | {len(test)} | {val} | "
-                     f"{slope_text(late_slope(mean_curve(cell)))} | {cell.label(cell.chosen)} | {failed} |")
+                     f"{slope_text(late_slope(mean_curve(cell)))} | {flat_from(mean_curve(cell))} | "
+                     f"{cell.label(cell.chosen)} | {failed} |")
 
     if any(c.estimator not in COLUMNS for c in cells):
         lines += ["", f"{BEYOND} beyond the paper: an estimator published since, trained and chosen by the "

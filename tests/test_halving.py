@@ -232,3 +232,24 @@ def test_the_committed_halving_replay_regenerates_byte_for_byte_from_the_cpu_tab
     for name in ("replay.md", "replay.json"):
         committed = root / "docs" / "results" / "halving_replay" / name
         assert (tmp_path / name).read_bytes() == committed.read_bytes()
+
+
+def test_table1_vae_searches_the_papers_whole_grid_with_annealing_only_where_there_is_a_temperature(tmp_path):
+    from hydra import compose
+    from omegaconf import OmegaConf
+
+    from gvae.config import hydra_initialized, validate
+    from tests.conftest import compose_config
+
+    with hydra_initialized():
+        cfg = compose("config", ["experiment=table1_vae"], return_hydra_config=True)
+    (tmp_path / "multirun.yaml").write_text(OmegaConf.to_yaml(cfg))
+    grid = table.expected_jobs(tmp_path)
+    assert len(grid) == len(set(grid)) == 6 * (4 + 3 * 4)
+    halving = table.halving_of(tmp_path)
+    assert {len(c) for c in cells({j: sorted(j) for j in grid}, halving.cell).values()} == {6, 24}
+    for job in {frozenset(o for o in job if not o.startswith("optim.lr=")) for job in grid}:
+        typed = validate(compose_config(["experiment=table1_vae", *sorted(job)]))
+        assert typed.task.name == "vae" and typed.model.hidden == [] and typed.optim.momentum == 0.9
+        tempered = typed.estimator.name in ("gumbel_softmax", "st_gumbel_softmax", "slope_annealed_st")
+        assert any(o.startswith("schedule.") for o in job) == tempered

@@ -175,14 +175,15 @@ def test_selection_uses_validation_only_and_never_reads_other_settings_test_figu
     assert cell.label(cell.chosen) == "optim.lr=0.0003" and [j["seed"] for j in cell.runs] == [0, 1]
     text = paper_table.render(tmp_path)
     row = next(line for line in text.splitlines() if line.startswith("| categorical (20x10) | MuProp |"))
-    assert ("| 107.0 | 122.00 ± 1.41 | 121.00 ± 1.41 | not measured | 2 | 103.50 ± 0.71 | — | "
+    assert ("| 107.0 | 122.00 ± 1.41 | 121.00 ± 1.41 | not measured | 2 | 103.50 ± 0.71 | — | 10 | "
             "optim.lr=0.0003 |") in row
 
 
-COMMITTED = sorted((ROOT / "docs" / "results").glob("*/jobs.json"))
+COMMITTED = sorted((ROOT / "docs" / "results").glob("**/jobs.json"))
 
 
-@pytest.mark.parametrize("record", COMMITTED, ids=[p.parent.name for p in COMMITTED])
+@pytest.mark.parametrize("record", COMMITTED,
+                         ids=[p.parent.relative_to(ROOT / "docs" / "results").as_posix() for p in COMMITTED])
 def test_committed_results_regenerate_byte_for_byte_from_their_records(record, tmp_path):
     out = tmp_path / record.parent.name
     shutil.copytree(record.parent, out)
@@ -239,3 +240,11 @@ def test_table_refuses_a_job_whose_recorded_config_no_longer_matches_its_results
     assert f"job {broken / '2'}" in result.stderr and "disagree" in result.stderr
     assert "optim.lr:" in result.stderr and "0.123 now" in result.stderr
     assert not (tmp_path / "out" / "results.md").exists()
+
+
+def test_a_curve_is_flat_from_the_step_after_which_it_stays_within_a_nat_of_its_end():
+    curve = [(1000, 150.0), (2000, 120.0), (3000, 110.8), (4000, 110.2), (5000, 110.0)]
+    assert paper_table.flat_from(curve) == 3000
+    assert paper_table.flat_from([(1000, 130.0), (2000, 120.0)]) == 2000  # still falling at the end
+    falling = [(s, 200.0 - s / 1000) for s in range(1000, 21000, 1000)]  # 10 nats per 10,000 steps
+    assert paper_table.late_slope(falling) == pytest.approx(-10.0)
