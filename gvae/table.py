@@ -293,6 +293,7 @@ class Cell:
     estimator: str
     settings: dict[tuple[str, ...], list[dict]]  # every setting's jobs
     chosen: tuple[str, ...] | None  # the setting picked on validation, None if every one failed
+    by_halving: bool = False  # its settings differ in length by the halving's rungs, not by choice
 
     @property
     def runs(self) -> list[dict]:
@@ -301,7 +302,9 @@ class Cell:
     def searched_keys(self) -> list[str]:
         """The config keys whose values differ between this cell's settings."""
         configs = [jobs[0]["config"] for jobs in self.settings.values()]
-        return sorted(k for k in configs[0] if k != "seed" and len({repr(c.get(k)) for c in configs}) > 1)
+        ignored = {"seed", *(HALVING_KEYS if self.by_halving else ())}
+        return sorted(k for k in configs[0]
+                      if k not in ignored and len({repr(c.get(k)) for c in configs}) > 1)
 
     def label(self, setting: tuple[str, ...]) -> str:
         config = self.settings[setting][0]["config"]
@@ -344,7 +347,7 @@ def select(record: dict[str, Any]) -> list[Cell]:
             chosen = choice if choice in complete else None
         else:
             chosen = min(complete, key=lambda s: (mean_val(complete[s]), s)) if complete else None
-        cells.append(Cell(latent, estimator, dict(settings), chosen))
+        cells.append(Cell(latent, estimator, dict(settings), chosen, by_halving=sweep is not None))
     order = {name: i for i, name in enumerate(COLUMNS)}
     return sorted(cells, key=lambda c: (c.latent, order.get(c.estimator, len(order)), c.estimator))
 
