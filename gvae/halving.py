@@ -18,6 +18,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from gvae.errors import ConfigError
+from gvae.rows import key_of
 
 
 @dataclass
@@ -87,15 +88,7 @@ def cells(jobs: Mapping[Key, Sequence[str]], cell_keys: Sequence[str]) -> dict[t
     """Jobs (id: overrides) grouped by their values of the cell's keys, in the jobs' order."""
     grouped: dict[tuple[str, ...], list[Key]] = {}
     for job, overrides in jobs.items():
-        by_key = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
+        by_key = {key_of(o): o for o in overrides}
         grouped.setdefault(tuple(by_key.get(k, f"{k}=(default)") for k in cell_keys), []).append(job)
     return grouped
 
-
-def cost(rungs: Sequence[int], eta: int, n: int, min_kept: int = 1) -> int:
-    """Steps a cell of n settings trains in all (each survivor's steps counted once)."""
-    total, alive, done = 0, n, 0
-    for steps in rungs:
-        total += alive * (steps - done)
-        done, alive = steps, kept(alive, eta, min_kept)
-    return total

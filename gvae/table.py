@@ -215,7 +215,7 @@ def read_sweeps(sweep_dirs: list[Path]) -> dict[str, Any]:
         found = {same(map(str, OmegaConf.load(f / ".hydra" / "overrides.yaml"))): f for f in folders}
         task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
         sweeps.append({"name": name, "command": shlex.join(["gvae-train", "-m", *task]),
-                       "jobs": len(expected) + (len(halving_seed_jobs(expected, halving)) if halving else 0),
+                       "jobs": len(expected) + (halving_seed_jobs(expected, halving) if halving else 0),
                        **({"halving": dataclasses.asdict(halving)} if halving else {})})
         records = {overrides: job_record(f, name, sweep_dir, bool(halving)) for overrides, f in found.items()}
         roles_from = typed(OmegaConf.to_container(OmegaConf.load(folders[0] / ".hydra" / "config.yaml"),
@@ -233,10 +233,9 @@ def read_sweeps(sweep_dirs: list[Path]) -> dict[str, Any]:
     return {"sweeps": sweeps, "jobs": jobs}
 
 
-def halving_seed_jobs(grid: list[frozenset[str]], halving: HalvingConfig) -> list[int]:
-    """One entry per seed job the halving adds: its seeds for each cell's choice."""
-    return [seed for _ in halving_cells({job: list(job) for job in grid}, halving.cell)
-            for seed in halving.seeds]
+def halving_seed_jobs(grid: list[frozenset[str]], halving: HalvingConfig) -> int:
+    """How many seed jobs the halving adds: its seeds for each cell's choice."""
+    return len(halving_cells({job: list(job) for job in grid}, halving.cell)) * len(halving.seeds)
 
 
 def halving_jobs(grid: list[frozenset[str]], records: dict[frozenset[str], dict], halving: HalvingConfig,

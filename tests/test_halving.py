@@ -15,7 +15,7 @@ import yaml
 
 from gvae import table
 from gvae.errors import ConfigError
-from gvae.halving import HalvingConfig, cells, cost, decide, kept, value_at
+from gvae.halving import HalvingConfig, cells, decide, kept, value_at
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from compare_runs import differences  # noqa: E402
@@ -46,15 +46,11 @@ def test_a_run_without_a_figure_at_the_rung_is_out_and_ties_go_to_the_earlier_se
     assert value_at([[10, 1.0], [20, 0.5]], 20) == 0.5 and value_at(None, 20) == math.inf
 
 
-def test_cells_group_jobs_by_the_cell_keys_and_cost_counts_each_step_once():
+def test_cells_group_jobs_by_the_cell_keys():
     jobs = {0: ["estimator=a", "optim.lr=1"], 1: ["estimator=b", "optim.lr=1"],
             2: ["estimator=a", "optim.lr=2"]}
     assert cells(jobs, ["estimator", "model"]) == {("estimator=a", "model=(default)"): [0, 2],
                                                    ("estimator=b", "model=(default)"): [1]}
-    # 24 settings, rungs 1k/4k/16k/40k: 24 x 1k + 8 x 3k + 3 x 12k + 1 x 24k
-    assert cost([1000, 4000, 16000, 40000], 3, 24) == 108_000
-    assert cost([1000, 4000, 16000, 40000], 3, 6) == 6000 + 2 * 3000 + 12000 + 24000
-    assert cost([1000, 4000, 16000, 40000], 3, 6, min_kept=2) == 6000 + 2 * 3000 + 2 * 12000 + 2 * 24000
 
 
 @pytest.mark.parametrize("bad", [{"rungs": [20, 10]}, {"rungs": [0, 10]}, {"rungs": [10], "eta": 1},
