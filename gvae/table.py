@@ -619,12 +619,24 @@ def figure(cells: list[Cell], path: Path) -> None:
             test = statistics.fmean(j["eval"]["test_nelbo"] if j["eval"] else j["metrics"]["test_nelbo"]
                                     for j in cell.runs)
             ax.plot([steps[-1]], [test], "x", color=color)
-        ax.set_title(f"{latent}: validation (lines), test (x)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("negative ELBO (nats)")
         ax.set_ylim(top=min(ax.get_ylim()[1], 200.0))  # the first evaluations would squash the curves
-        ax.grid(alpha=0.3)
-        ax.legend()
+        label_curves(ax, f"{latent}: validation (lines), test (x)")
+    save_figure(fig, path)
+
+
+def label_curves(ax, title: str) -> None:
+    """An axes of negative-ELBO curves against steps: its title, labels, grid and legend."""
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel("negative ELBO (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def save_figure(fig, path: Path) -> None:
+    """PNG bytes that depend on the figure alone (no software version stamp): committed, regenerated."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=120, metadata={"Software": None})
     plt.close(fig)
