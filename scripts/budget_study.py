@@ -32,9 +32,10 @@ from omegaconf import OmegaConf
 
 from gvae.errors import GvaeError
 from gvae.files import atomic_write, write_json
-from gvae.rows import HALVING_KEYS
+from gvae.rows import HALVING_KEYS, key_of
 from gvae.runs import find_runs, read_json
 from gvae.table import (
+    BEYOND,
     COLUMNS,
     FINAL,
     PAPER_TABLE,
@@ -55,7 +56,8 @@ COPYING = ".copying"  # a copy not yet whole
 
 
 def name(run: dict) -> str:
-    return COLUMNS.get(run["estimator"], run["estimator"])
+    """The paper's column name of a run's estimator (table.name's, for a run rather than a cell)."""
+    return COLUMNS.get(run["estimator"], f"{run['estimator']}{BEYOND}")
 
 
 def chosen_runs(sweep: Path) -> list[tuple[str, Path]]:
@@ -73,7 +75,7 @@ def chosen_runs(sweep: Path) -> list[tuple[str, Path]]:
 
 def continue_command(src: Path, dest: Path, steps: int) -> list[str]:
     overrides = [str(o) for o in OmegaConf.load(src / ".hydra" / "overrides.yaml")
-                 if str(o).split("=", 1)[0].lstrip("+~") not in HALVING_KEYS]
+                 if key_of(str(o)) not in HALVING_KEYS]
     return [sys.executable, "-m", "gvae.train", *overrides, f"train.max_steps={steps}", "train.resume=true",
             f"hydra.run.dir={dest}"]
 
@@ -129,7 +131,7 @@ def run_record(folder: Path, runs: Path) -> dict:
 
     return {"job": folder.relative_to(runs).as_posix(), "latent": row_label(cfg),
             "estimator": cfg.estimator.name,
-            "setting": sorted(o for o in overrides if o.split("=", 1)[0] not in
+            "setting": sorted(o for o in overrides if key_of(o) not in
                               (*HALVING_KEYS, "hydra.run.dir", "experiment")),
             "steps": metrics["step"], "val_curve": metrics["val_curve"],
             "rung_eval": kept(read_json(folder / RUNG_EVAL)), "eval": kept(evaluation)}
