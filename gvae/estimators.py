@@ -305,6 +305,15 @@ class ScoreFunction(ScoreFunctionBase):
 @dataclass
 class DARNConfig(ScoreFunctionOptions):
     name: str = "darn"
+    # The expansion point c_j, the same number in every coordinate of the code; null: the centre of
+    # the latent's values (1/K per class, 1/2 for a binary unit). MuProp's authors tried 1/2, 1/k and
+    # the mean for categorical units (Gu et al. 2016); the paper does not say which its DARN used.
+    center: float | None = per_run(None)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(self.center is None or 0.0 <= self.center <= 1.0, f"{key}.center", self.center,
+                "must be in [0, 1] (or null: the centre of the latent's values)")
 
 
 @register(DARNConfig)
@@ -315,7 +324,8 @@ class DARN(ScoreFunctionBase):
     f(z) - f(z with z_j at the centre c_j), approximated to first order around the sample:
         L_j = df/dz_j(z) . (z_j - c_j),
     c_j = 1/2 for a binary unit (Gregor et al.) and the uniform vector 1/K for a one-hot variable
-    (our generalisation; it is 1/2 per class for K = 2). Encoder gradient of variable j:
+    (our generalisation; it is 1/2 per class for K = 2), or the option `center` in every
+    coordinate. Encoder gradient of variable j:
     s_j [(L_j - b_j) grad log q(z_j) + grad KL_j], with a baseline b_j and scale s_j per
     variable. There is no analytic correction, so it is exact only for f linear in z (then any
     centre gives the exact gradient); otherwise biased. Decoder gradient: grad f(z).
@@ -330,7 +340,9 @@ class DARN(ScoreFunctionBase):
         probe = z.clone().requires_grad_()
         (grad,) = torch.autograd.grad(f(probe).sum(), probe)
         value = f(z)
-        signal, scale = self.centre(self.latent.per_var(grad * (z - self.latent.center(logits))))
+        c = self.option("center", logits)
+        centre = self.latent.center(logits) if c is None else c
+        signal, scale = self.centre(self.latent.per_var(grad * (z - centre)))
         self.scale_encoder_gradient(logits, scale)
         surrogate = value + (signal * self.latent.log_prob_vars(z, logits)).sum(-1)
         return surrogate, value.detach()

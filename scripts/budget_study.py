@@ -1,6 +1,6 @@
 """Table 1's budget: each cell's chosen setting trained on past the halving's last rung, by resuming.
 
-    python scripts/budget_study.py run outputs/multirun/table1_sbn_categorical --steps 100000 \
+    python scripts/budget_study.py run outputs/multirun/table1_sbn_categorical --steps 80000 \
         --runs outputs/budget --workers 2
     gvae-eval eval.num_samples=1000 outputs/budget/*/*          # the test figures at the new length
     python scripts/budget_study.py record outputs/budget --out docs/results/table1_budget
@@ -170,20 +170,21 @@ def markdown(data: dict, notes: str) -> str:
              "*not measured* where it was not evaluated. Nats.", ""]
     lines += ["| latent | estimator | paper | val at 20000 | "
               f"val at {rung_step or 'the rung'} | val at end | end step | slope at end | flat from | "
-              "bound at the rung | bound at end | Δ paper at end |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "bound at the rung | bound at end | Δ paper at the rung | Δ paper at end |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         curve = r["val_curve"]
         paper = PAPER_TABLE.get((r["latent"], r["estimator"]))
         before = r["rung_eval"]["test_bound"] if r["rung_eval"] else None
         after = r["eval"]["test_bound"] if r["eval"] else None
-        delta = f"{after - paper:+.2f}" if after is not None and paper is not None else "not measured"
+        delta = [f"{b - paper:+.2f}" if b is not None and paper is not None else "not measured"
+                 for b in (before, after)]
         lines.append(f"| {r['latent']} | {name(r)} | {paper if paper is not None else '—'} | "
                      f"{fmt(value_at(curve, 20000))} | "
                      f"{fmt(value_at(curve, r['rung_eval']['step']) if r['rung_eval'] else None)} | "
                      f"{fmt(curve[-1][1])} | {curve[-1][0]} | {slope_text(late_slope(curve))} | "
                      f"{flat_from(curve)} | {fmt(before) if before is not None else 'not measured'} | "
-                     f"{fmt(after) if after is not None else 'not measured'} | {delta} |")
+                     f"{fmt(after) if after is not None else 'not measured'} | {' | '.join(delta)} |")
     lines += ["", "## Runs", "", "| job | setting |", "|---|---|"]
     lines += [f"| {r['job']} | {', '.join(r['setting'])} |" for r in runs]
     text = "\n".join(lines) + "\n"

@@ -180,21 +180,24 @@ def test_darn_is_exact_in_expectation_for_a_linear_f(latent):
     assert_unbiased(g_w, exact_w)
 
 
+@pytest.mark.parametrize("center", [None, 0.5])
 @pytest.mark.parametrize("latent", LATENTS)
-def test_darn_backward_is_the_per_variable_taylor_learning_signal(latent):
+def test_darn_backward_is_the_per_variable_taylor_learning_signal(latent, center):
     torch.manual_seed(3)
     problem = Problem(LATENTS[latent]())
-    estimator = make("darn", problem.latent)
+    estimator = make("darn", problem.latent, center=center)
     baseline, var = 0.3, 2.0
     scale = fixed_normalization(estimator, baseline, var)
     g_logits, g_w, z = problem.estimate(estimator, 64)
-    # By hand: L_j = df/dz_j (z_j - c_j), c = 1/K or 1/2; encoder gradient (L_j - b) s grad log q(z_j).
+    # By hand: L_j = df/dz_j (z_j - c_j), c = 1/K or 1/2 by default, else the option in every
+    # coordinate; encoder gradient (L_j - b) s grad log q(z_j).
     lat = problem.latent
     z_ = z.clone().requires_grad_()
     w = problem.w.expand(len(z), *problem.w.shape).clone().requires_grad_()
     df_dz, expected_w = torch.autograd.grad(problem.f(z_, w).sum(), [z_, w])
     logits = problem.logits.expand_as(z).clone().requires_grad_()
-    signal = (lat.per_var(df_dz * (z - lat.center(logits.detach()))) - baseline) * scale
+    c = lat.center(logits.detach()) if center is None else torch.full_like(z, center)
+    signal = (lat.per_var(df_dz * (z - c)) - baseline) * scale
     (expected_logits,) = torch.autograd.grad((signal * lat.log_prob_vars(z, logits)).sum(), logits)
     torch.testing.assert_close(g_logits, expected_logits)
     torch.testing.assert_close(g_w, expected_w)
