@@ -203,6 +203,9 @@ def job_record(folder: Path, sweep_name: str, sweep_dir: Path, halving: bool = F
     }
 
 
+SWEEP_SHAPE = ("hydra.sweeper.", "hydra/sweeper=", "hydra.launcher.", "hydra/launcher=")
+
+
 def read_sweeps(sweep_dirs: list[Path]) -> dict[str, Any]:
     """The record of every job of the sweeps: found folders, and expected jobs with no folder."""
     sweeps, jobs = [], []
@@ -213,8 +216,10 @@ def read_sweeps(sweep_dirs: list[Path]) -> dict[str, Any]:
         expected = [same(job) for job in expected_jobs(sweep_dir)]
         folders = find_runs([sweep_dir]) if any(sweep_dir.glob("**/.hydra/config.yaml")) else []
         found = {same(map(str, OmegaConf.load(f / ".hydra" / "overrides.yaml"))): f for f in folders}
-        task = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task
-        sweeps.append({"name": name, "command": shlex.join(["gvae-train", "-m", *task]),
+        overrides = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides
+        # the sweep's own shape (rows, halving, launcher) is part of the command; its folder is named
+        shape = [o for o in overrides.hydra if o.startswith(SWEEP_SHAPE)]
+        sweeps.append({"name": name, "command": shlex.join(["gvae-train", "-m", *shape, *overrides.task]),
                        "jobs": len(expected) + (halving_seed_jobs(expected, halving) if halving else 0),
                        **({"halving": dataclasses.asdict(halving)} if halving else {})})
         records = {overrides: job_record(f, name, sweep_dir, bool(halving)) for overrides, f in found.items()}

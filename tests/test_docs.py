@@ -32,3 +32,13 @@ def test_every_test_that_docs_robustness_names_exists():
                for m in re.findall(r"^def (test_\w+)", f.read_text(), re.M)}
     assert len(named) >= 20
     assert named <= defined, sorted(named - defined)
+
+
+def test_the_readmes_headline_table_is_the_committed_records_rendered():
+    # the README quotes Table 1 at a glance; the numbers must be the committed record's, as rendered
+    results = (ROOT / "docs" / "results" / "table1" / "results.md").read_text()
+    section = results[results.index("## At a glance"):]
+    glance = [line for line in section.split("\n\n")[2].splitlines() if line.startswith("|")]
+    assert len(glance) == 2 + 2 * 4  # the paper's four rows, each with gvae's below it
+    readme = (ROOT / "README.md").read_text()
+    assert "\n".join(glance) in readme
