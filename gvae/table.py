@@ -483,7 +483,10 @@ def at_a_glance(cells: list[Cell], figures: dict[int, list[dict]], m: int) -> li
         lines.append(f"| {task} | paper | " + " | ".join(f"{v:.1f}" for v in row) + " |")
         lines.append(f"| | gvae, test bound (m={m}) | "
                      + " | ".join("not measured" if v is None else f"{v:.1f}" for v in ours) + " |")
-    return lines
+    close = [key for key, v in measured.items() if key in PAPER_TABLE and abs(v - PAPER_TABLE[key]) <= WITHIN]
+    shown = sum(key in PAPER_TABLE for key in measured)
+    within = f"{len(close)} of these {shown} cells lie within {WITHIN:g} nats of the paper's figure."
+    return [*lines, "", within]
 
 
 def distance_to_paper(cells: list[Cell], figures: dict[int, list[dict]], m: int) -> list[str]:

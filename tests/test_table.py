@@ -98,7 +98,9 @@ def test_table_reports_both_test_figures_of_the_setting_chosen_on_validation(swe
                     f"{val[best]:.2f} ± ")
         assert any(r.startswith(expected) for r in rows), (expected, rows)
         assert f"optim.lr={best}" in next(r for r in rows if f"| {column} |" in r)
-    assert "gvae-train -m experiment=paper_sweep" in text
+    # the command names the sweep's shape given on its command line (here the rows), so it reproduces it
+    command = next(line for line in text.splitlines() if line.startswith("Sweeps: "))
+    assert "`gvae-train -m 'hydra.sweeper.rows=[" in command and " experiment=paper_sweep " in command
     assert f"test bound (m={M})" in text
     with Image.open(tmp_path / "figure.png") as image:
         assert image.format == "PNG" and image.width > 300 and image.height > 200
