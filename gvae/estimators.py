@@ -308,7 +308,8 @@ class DARNConfig(ScoreFunctionOptions):
     # The expansion point c_j, the same number in every coordinate of the code; null: the centre of
     # the latent's values (1/K per class, 1/2 for a binary unit). MuProp's authors tried 1/2, 1/k and
     # the mean for categorical units (Gu et al. 2016); the paper does not say which its DARN used.
-    center: float | None = per_run(None)
+    # Not per run: a pack whose runs differed in it would mix null and numbers in one tensor.
+    center: float | None = None
 
     def check(self, key: str) -> None:
         super().check(key)
@@ -340,8 +341,7 @@ class DARN(ScoreFunctionBase):
         probe = z.clone().requires_grad_()
         (grad,) = torch.autograd.grad(f(probe).sum(), probe)
         value = f(z)
-        c = self.option("center", logits)
-        centre = self.latent.center(logits) if c is None else c
+        centre = self.latent.center(logits) if self.cfg.center is None else self.cfg.center
         signal, scale = self.centre(self.latent.per_var(grad * (z - centre)))
         self.scale_encoder_gradient(logits, scale)
         surrogate = value + (signal * self.latent.log_prob_vars(z, logits)).sum(-1)

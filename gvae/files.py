@@ -60,7 +60,9 @@ def _strict(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write `data` as strict JSON (non-finite numbers become null), atomically."""
-    text = json.dumps(_strict(data), indent=2, allow_nan=False) + "\n"
+def write_json(path: Path, data: dict[str, Any], indent: int | None = 2) -> None:
+    """Write `data` as strict JSON (non-finite numbers become null), atomically; indent=None writes
+    it compactly, for a record too large to read by eye."""
+    separators = (",", ":") if indent is None else None
+    text = json.dumps(_strict(data), indent=indent, separators=separators, allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))

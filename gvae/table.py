@@ -458,13 +458,12 @@ def measured_reason(cell: Cell, delta: float) -> str:
     still falling (with the slope), or flat (from when), which rules the budget out as the cause."""
     curve = mean_curve(cell)
     slope, end = late_slope(curve), curve[-1][0]
-    if slope < -FALLING:
-        shown = f"still falling at {end}: {slope_text(slope)} per 10k"
-    else:
-        shown = f"flat from {flat_from(curve)} ({slope_text(slope)} per 10k)"
+    falling = slope < -FALLING
+    shown = (f"still falling at {end}: {slope_text(slope)} per 10k" if falling
+             else f"flat from {flat_from(curve)} ({slope_text(slope)} per 10k)")
     if delta < 0:
         return f"below the paper; {shown}"  # more budget would take it further below
-    return shown if slope < -FALLING else f"{shown}: not the budget"
+    return shown if falling else f"{shown}: not the budget"
 
 
 def at_a_glance(cells: list[Cell], figures: dict[int, list[dict]], m: int) -> list[str]:
@@ -757,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "record":
             record = {"title": args.title, "num_samples": args.num_samples, **read_sweeps(args.sweeps)}
             args.out.mkdir(parents=True, exist_ok=True)
-            write_json(args.out / "jobs.json", record)
+            write_json(args.out / "jobs.json", record, indent=None)  # hundreds of jobs' curves: keep it small
             done = sum(j["status"] in FINAL for j in record["jobs"])
             print(f"wrote {args.out / 'jobs.json'}: {done} of {len(record['jobs'])} jobs finished")
         text = render(args.out)
