@@ -26,7 +26,7 @@ class RunError(GvaeError):
     """A folder is not a run or a sweep, or a run cannot be used as asked; the message names it."""
 
 
-def _natural(path: Path) -> list[Any]:
+def natural_key(path: Path) -> list[Any]:
     """Sort key: job folders 2 before 10."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
@@ -39,7 +39,7 @@ def find_runs(paths: list[Path]) -> list[Path]:
         if (path / ".hydra" / "config.yaml").is_file():
             runs.append(path)
             continue
-        jobs = sorted((p.parent.parent for p in path.glob("**/.hydra/config.yaml")), key=_natural)
+        jobs = sorted((p.parent.parent for p in path.glob("**/.hydra/config.yaml")), key=natural_key)
         if not jobs:
             raise RunError(f"{path} is neither a run folder (no .hydra/config.yaml) nor a folder of runs")
         runs += jobs

@@ -6,6 +6,11 @@
     python scripts/budget_study.py record outputs/budget --out docs/results/table1_budget
     python scripts/budget_study.py render docs/results/table1_budget   # again, from curves.json alone
 
+Where the sweep's folders are gone (another machine, a fresh checkout), the committed table record
+names the same runs: `run --record docs/results/table1/jobs.json --sweep table1_vae_bernoulli ...`
+trains each chosen setting's seed-0 run from step 0 to the record's rung, evaluates it there with the
+record's m (RUNG_EVAL), and continues it; `record --keep` adds such runs to an existing record.
+
 `run` copies the seed-0 run of every cell's chosen setting (the halving's own run of it, trained to
 the last rung) to RUNS/<sweep>/<job> and resumes it there to --steps: the sweep's folders, which the
 table's record reads, are left as they are. A resumed run is the run trained straight to its length
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -33,7 +39,7 @@ from omegaconf import OmegaConf
 from gvae.errors import GvaeError
 from gvae.files import atomic_write, write_json
 from gvae.rows import HALVING_KEYS, key_of
-from gvae.runs import find_runs, read_json
+from gvae.runs import find_runs, natural_key, read_json
 from gvae.table import (
     BEYOND,
     COLUMNS,
@@ -73,11 +79,40 @@ def chosen_runs(sweep: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def continue_command(src: Path, dest: Path, steps: int) -> list[str]:
-    overrides = [str(o) for o in OmegaConf.load(src / ".hydra" / "overrides.yaml")
-                 if key_of(str(o)) not in HALVING_KEYS]
-    return [sys.executable, "-m", "gvae.train", *overrides, f"train.max_steps={steps}", "train.resume=true",
+def train_command(overrides: list[str], dest: Path, steps: int) -> list[str]:
+    kept = [o for o in overrides if key_of(o) not in HALVING_KEYS]
+    return [sys.executable, "-m", "gvae.train", *kept, f"train.max_steps={steps}", "train.resume=true",
             f"hydra.run.dir={dest}"]
+
+
+def continue_command(src: Path, dest: Path, steps: int) -> list[str]:
+    return train_command([str(o) for o in OmegaConf.load(src / ".hydra" / "overrides.yaml")], dest, steps)
+
+
+def recorded_runs(path: Path, sweep: str) -> tuple[list[dict], int]:
+    """The seed-0 job of each cell's chosen setting of `sweep` in a table record, and the record's m."""
+    record = read_json(path)
+    if record is None or "jobs" not in record:
+        raise TableError(f"{path}: not a table record (gvae-table record writes one)")
+    names = [s["name"] for s in record["sweeps"]]
+    if sweep not in names:
+        raise TableError(f"{path}: no sweep {sweep!r} (it has {', '.join(names)})")
+    cells = select({**record, "jobs": [j for j in record["jobs"] if j["job"].partition("/")[0] == sweep]})
+    command = next(s["command"] for s in record["sweeps"] if s["name"] == sweep)
+    firsts = [cell.runs[0] for cell in cells if cell.chosen]
+    return [{**job, "overrides": job_overrides(command, job)} for job in firsts], record["num_samples"]
+
+
+def job_overrides(command: str, job: dict) -> list[str]:
+    """A recorded job's whole command line: its sweep's (which also holds keys outside the setting,
+    such as how often it evaluates) with the job's setting and seed in place of the swept values."""
+    own = [*job["setting"], f"seed={job['seed']}"]
+    keys = {key_of(o) for o in own}
+    base = [o for o in shlex.split(command)[2:]  # past "gvae-train -m"
+            if key_of(o) not in keys and not o.startswith("hydra")]
+    if swept := [o for o in base if "," in o.partition("=")[2]]:
+        raise TableError(f"sweep command {command!r}: {swept[0]} is swept but not in the job's setting")
+    return base + own
 
 
 def prepare(src: Path, dest: Path) -> None:
@@ -93,20 +128,44 @@ def prepare(src: Path, dest: Path) -> None:
     partial.rename(dest)
 
 
-def run(sweeps: list[Path], runs: Path, steps: int, workers: int) -> int:
-    commands = []
-    for sweep in sweeps:
-        for job, src in chosen_runs(sweep):
-            dest = runs / job
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            prepare(src, dest)
-            commands.append((dest, continue_command(src, dest, steps)))
+def rung_commands(job: dict, dest: Path, num_samples: int) -> list[list[str]]:
+    """A recorded job retrained from step 0 to its own length and evaluated there, unless done."""
+    if (dest / RUNG_EVAL).is_file():
+        return []
+    return [train_command(job["overrides"], dest, job["metrics"]["step"]),
+            [sys.executable, "-m", "gvae.evaluation", str(dest), f"eval.num_samples={num_samples}"]]
+
+
+def run(sweeps: list[Path], runs: Path, steps: int, workers: int,
+        record_path: Path | None = None) -> int:
+    commands = []  # per run, the commands to run in turn
+    if record_path is not None:
+        for sweep in sweeps:
+            jobs, num_samples = recorded_runs(record_path, str(sweep))
+            for job in jobs:
+                dest = runs / job["job"]
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                commands.append((dest, [*rung_commands(job, dest, num_samples),
+                                        train_command(job["overrides"], dest, steps)]))
+    else:
+        for sweep in sweeps:
+            for job, src in chosen_runs(sweep):
+                dest = runs / job
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                prepare(src, dest)
+                commands.append((dest, [continue_command(src, dest, steps)]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # one core per worker
 
-    def one(item: tuple[Path, list[str]]) -> int:
-        dest, command = item
+    def one(item: tuple[Path, list[list[str]]]) -> int:
+        dest, steps_of_run = item
+        code = 0
         with open(dest.with_name(dest.name + ".log"), "a") as log:
-            code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+            for command in steps_of_run:
+                code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+                if code:
+                    break
+                if command[2] == "gvae.evaluation":  # the figures at the rung, kept apart
+                    (dest / "eval.json").rename(dest / RUNG_EVAL)
         print(f"{dest}: {'done' if code == 0 else f'failed ({code}), see its .log'}", flush=True)
         return code
 
@@ -137,12 +196,24 @@ def run_record(folder: Path, runs: Path) -> dict:
             "rung_eval": kept(read_json(folder / RUNG_EVAL)), "eval": kept(evaluation)}
 
 
-def record(runs: Path, out: Path) -> None:
+def record(runs: Path, out: Path, keep: bool = False) -> None:
+    """OUT/curves.json from RUNS' folders; with `keep`, the runs of the existing record that RUNS does
+    not hold stay (a record built over sessions, on machines that no longer hold the earlier folders)
+    and RUNS' unfinished runs are left out."""
     folders = [f for f in find_runs([runs]) if not f.name.endswith(COPYING)]
     if not folders:
         raise TableError(f"{runs}: no run folders")
+    if keep:  # adding to a record as runs finish: an unfinished one waits for the next `record`
+        unfinished = [f for f in folders if (read_json(f / "metrics.json") or {}).get("status") != "complete"]
+        for f in unfinished:
+            print(f"{f}: not finished, left out", file=sys.stderr)
+        folders = [f for f in folders if f not in unfinished]
+    new = [run_record(f, runs) for f in folders]
+    old = (read_json(out / "curves.json") or {"runs": []})["runs"] if keep else []
+    jobs = {r["job"] for r in new}
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "curves.json", {"runs": [run_record(f, runs) for f in folders]})
+    kept = [r for r in old if r["job"] not in jobs]
+    write_json(out / "curves.json", {"runs": sorted(kept + new, key=lambda r: natural_key(Path(r["job"])))})
 
 
 def value_at(curve: list, step: int) -> float | None:
@@ -228,21 +299,25 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="continue each cell's chosen run, in copies, to --steps")
-    r.add_argument("sweeps", type=Path, nargs="+")
+    r.add_argument("sweeps", type=Path, nargs="+", help="sweep folders, or with --record sweep names")
+    r.add_argument("--record", type=Path, help="a table record (jobs.json) naming the runs, which "
+                   "are then trained from step 0")
     r.add_argument("--steps", type=int, required=True)
     r.add_argument("--runs", type=Path, required=True, help="where the copies train")
     r.add_argument("--workers", type=int, default=2)
     rec = sub.add_parser("record", help="RUNS' runs into OUT/curves.json, then render")
     rec.add_argument("runs", type=Path)
     rec.add_argument("--out", type=Path, required=True)
+    rec.add_argument("--keep", action="store_true",
+                     help="keep OUT's recorded runs that RUNS lacks; leave out RUNS' unfinished runs")
     ren = sub.add_parser("render", help="OUT/budget.md and OUT/figure.png from OUT/curves.json")
     ren.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            return run(args.sweeps, args.runs, args.steps, args.workers)
+            return run(args.sweeps, args.runs, args.steps, args.workers, args.record)
         if args.command == "record":
-            record(args.runs, args.out)
+            record(args.runs, args.out, args.keep)
         print(render(args.out))
     except (GvaeError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -72,6 +72,44 @@ def test_chosen_runs_continue_in_copies_like_straight_runs_and_the_record_regene
     assert budget("render", str(out), cwd=tmp_path).returncode == 0
     assert (out / "budget.md").read_text() == text
 
+    # Without the sweep's folders, its table record names the same runs: trained from step 0 to the
+    # rung, evaluated there with the record's m, continued: the same figures and the straight run.
+    table = tmp_path / "table"
+    result = subprocess.run([sys.executable, "-m", "gvae.table", "record", str(sweep), "--out", str(table),
+                             "--num-samples", "4"],
+                            capture_output=True, text=True, timeout=300)
+    # the record is written; rendering it wants every cell's chosen runs evaluated, here only one
+    assert (table / "jobs.json").is_file(), result.stderr[-3000:]
+    again = tmp_path / "again"
+    result = budget("run", "sweep", "--record", str(table / "jobs.json"), "--steps", "60",
+                    "--runs", str(again), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    retrained = again / "sweep" / first.name
+    figures = ("step", "num_samples", "test_nelbo", "test_bound", "test_literal_bound")
+    rung = [json.loads((folder / "rung_eval.json").read_text()) for folder in (retrained, copy)]
+    assert [{k: e[k] for k in figures} for e in rung] == [{k: rung[1][k] for k in figures}] * 2
+    assert differences(retrained, straight) == []
+    assert budget("run", "nosuch", "--record", str(table / "jobs.json"), "--steps", "60", "--runs",
+                  str(again), cwd=tmp_path).returncode == 1
+
+    # `record --keep` adds to a record: an earlier run the folders lack stays, theirs are replaced.
+    data = json.loads((out / "curves.json").read_text())
+    earlier = {**data["runs"][0], "job": "earlier/1"}
+    (out / "curves.json").write_text(json.dumps({"runs": [earlier, *data["runs"]]}))
+    assert budget("record", str(again), "--out", str(out), "--keep", cwd=tmp_path).returncode == 0
+    assert [r["job"] for r in json.loads((out / "curves.json").read_text())["runs"]] == \
+        ["earlier/1", *(r["job"] for r in data["runs"])]
+    metrics = retrained / "metrics.json"
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "status": "running"}))
+    result = budget("record", str(again), "--out", str(out), "--keep", cwd=tmp_path)
+    assert result.returncode == 0 and "not finished, left out" in result.stderr
+    assert [r["job"] for r in json.loads((out / "curves.json").read_text())["runs"]] == \
+        ["earlier/1", *(r["job"] for r in data["runs"])]  # the unfinished run's earlier record stays
+    assert budget("record", str(again), "--out", str(out), cwd=tmp_path).returncode == 1  # without --keep
+    metrics.write_text(json.dumps({**json.loads(metrics.read_text()), "status": "complete"}))
+    assert budget("record", str(again), "--out", str(out), cwd=tmp_path).returncode == 0
+    assert "earlier/1" not in (out / "curves.json").read_text()
+
 
 COMMITTED = ROOT / "docs" / "results" / "table1_budget"
 
