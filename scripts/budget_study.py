@@ -7,7 +7,7 @@
     python scripts/budget_study.py render docs/results/table1_budget   # again, from curves.json alone
 
 Where the sweep's folders are gone (another machine, a fresh checkout), the committed table record
-names the same runs: `run --record docs/results/table1/jobs.json --sweep table1_vae_bernoulli ...`
+names the same runs: `run table1_vae_bernoulli --record docs/results/table1/jobs.json ...`
 trains each chosen setting's seed-0 run from step 0 to the record's rung, evaluates it there with the
 record's m (RUNG_EVAL), and continues it; `record --keep` adds such runs to an existing record.
 
