@@ -2,6 +2,7 @@
 
     python scripts/bench.py --device cpu --batch 100 --steps 300
     python scripts/bench.py --device cuda --full-run
+    python scripts/bench.py --device cpu --sweep 16    # a sweep's ways of using the cores
 
 Everything runs in this one process, on the same model (the default 784-512-256-(20x10)
 VAE, Gumbel-Softmax, analytic KL, Adam), so the ratios compare loop mechanics only. Prints
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -163,6 +165,91 @@ def time_packed(cfg, sizes: list[int], steps: int, warmup: int) -> list[dict]:
     return results
 
 
+def time_pack(size: int, steps: int, warmup: int, seed0: int = 0) -> dict:
+    """One pack of `size` runs (seeds seed0, seed0 + 1, ...) stepped `steps` times after `warmup`:
+    the timed window's wall-clock start and end, so that packs timed in parallel processes add up."""
+    cfgs = [validate(compose_config([*OVERRIDES, f"seed={seed}"])) for seed in range(seed0, seed0 + size)]
+    engine = build_engine(cfgs, [None] * size, pack=True)
+    for _ in range(warmup):
+        engine.train_step()
+    sync(engine.device)
+    start = time.time()
+    for _ in range(steps):
+        engine.train_step()
+    sync(engine.device)
+    return {"start": start, "end": time.time(), "model_steps": size * steps,
+            "threads": torch.get_num_threads()}
+
+
+def matmul_ceiling(workers: int) -> dict:
+    """What the cores' matrix products allow: one thread's GFLOP/s on a product of the first layer's
+    shape, and the model's matrix-product GFLOP per step (forward, and twice that backward), so that
+    workers x GFLOP/s / (GFLOP per step) bounds the model-steps/s of any way of running the sweep."""
+    cfg = validate(compose_config(OVERRIDES))
+    engine = build_engine([cfg], [None])
+    weights = [p for p in engine.runs[0].model.parameters() if p.dim() == 2]
+    batch = cfg.train.batch_size
+    gflop_per_step = 3 * 2 * batch * sum(w.numel() for w in weights) / 1e9
+    rows, cols = max(weights, key=lambda w: w.numel()).shape
+    a, b = torch.randn(batch, cols), torch.randn(cols, rows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(5):
+            a @ b
+        t0, repeats = time.perf_counter(), 200
+        for _ in range(repeats):
+            a @ b
+        gflops = 2 * batch * rows * cols * repeats / (time.perf_counter() - t0) / 1e9
+    finally:
+        torch.set_num_threads(threads)
+    return {"matmul_gflops_one_thread": gflops, "model_matmul_gflop_per_step": gflop_per_step,
+            "ceiling_model_steps_per_sec": workers * gflops / gflop_per_step}
+
+
+def time_sweep(size: int, steps: int, warmup: int, workers: int) -> list[dict]:
+    """The ways a sweep of `size` jobs of the default model can use this machine's cores, side by side
+    (model-steps per second of training, start-up and evaluation left out): the jobs one after another,
+    each alone with the default threads (what a plain `gvae-train -m` does); all of them in one pack
+    with the default threads (hydra/launcher=packed); and `workers` single-thread processes at once,
+    each training a pack of its share of the jobs."""
+    cfgs = [validate(compose_config([*OVERRIDES, f"seed={seed}"])) for seed in range(size)]
+    seconds = 0.0
+    for cfg in cfgs:  # one after another: each its own engine, as each its own job
+        engine = build_engine([cfg], [None])
+        for _ in range(warmup):
+            engine.train_step()
+        sync(engine.device)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.train_step()
+        sync(engine.device)
+        seconds += time.perf_counter() - t0
+    alone = size * steps / seconds
+    one = time_pack(size, steps, warmup)
+    packed = one["model_steps"] / (one["end"] - one["start"])
+    shares = [size // workers + (w < size % workers) for w in range(workers)]
+    firsts = [sum(shares[:w]) for w in range(workers)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, __file__, "--pack-worker", str(n), str(first),
+                               "--steps", str(steps), "--warmup", str(warmup), *OVERRIDES],
+                              stdout=subprocess.PIPE, env=env, text=True)
+             for n, first in zip(shares, firsts, strict=True) if n]
+    parts = [json.loads(proc.communicate()[0].strip().splitlines()[-1]) for proc in procs]
+    if any(proc.returncode for proc in procs):
+        raise SystemExit("a pack worker failed")
+    window = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    in_workers = sum(p["model_steps"] for p in parts) / window
+    ceiling = matmul_ceiling(workers) if OVERRIDES[0] == "device=cpu" else {}
+    return [{"mode": f"sweep_S{size}", "jobs": size, "steps": steps,
+             "one_after_another_model_steps_per_sec": alone,
+             "one_after_another_threads": torch.get_num_threads(),
+             "one_pack_model_steps_per_sec": packed, "one_pack_threads": one["threads"],
+             f"{workers}_workers_model_steps_per_sec": in_workers, "worker_packs": shares,
+             "one_pack_over_one_after_another": packed / alone,
+             "workers_over_one_after_another": in_workers / alone, **ceiling}]
+
+
 def full_run(device: str, overrides: list[str]) -> dict:
     """Wall time of a complete default run (50,000 steps and the m=1000 test bound), start-up included."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,13 +276,27 @@ def main() -> None:
                         help="only time the training loop's own work per step (no model step)")
     parser.add_argument("--packed", type=int, nargs="+", metavar="S",
                         help="only time S runs packed against S separate runs, for each S (e.g. 1 4 8 16)")
+    parser.add_argument("--sweep", type=int, metavar="S",
+                        help="only time a sweep of S jobs: one after another, in one pack, and in packs "
+                             "in --workers single-thread processes")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="processes for --sweep (default: this machine's cores)")
+    parser.add_argument("--pack-worker", type=int, nargs=2, metavar=("S", "SEED0"), help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for gvae's config")
     args = parser.parse_args()
     OVERRIDES[:] = [f"device={args.device}", f"train.batch_size={args.batch}", *args.overrides]
+    if args.pack_worker:  # one of --sweep's processes
+        print(json.dumps(time_pack(*args.pack_worker[:1], args.steps, args.warmup, args.pack_worker[1])))
+        return
 
     cfg = compose_config([f"device={args.device}", f"train.batch_size={args.batch}", *args.overrides])
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    if args.sweep:
+        for r in time_sweep(args.sweep, args.steps, args.warmup, args.workers):
+            print(json.dumps({"device": name, "batch": args.batch, "torch": torch.__version__, **r}),
+                  flush=True)
+        return
     if args.packed:
         for r in time_packed(cfg, args.packed, args.steps, args.warmup):
             print(json.dumps({"device": name, "batch": args.batch, "torch": torch.__version__,
