@@ -182,14 +182,16 @@ def time_pack(size: int, steps: int, warmup: int, seed0: int = 0) -> dict:
 
 
 def matmul_ceiling(workers: int) -> dict:
-    """What the cores' matrix products allow: one thread's GFLOP/s on a product of the first layer's
-    shape, and the model's matrix-product GFLOP per step (forward, and twice that backward), so that
-    workers x GFLOP/s / (GFLOP per step) bounds the model-steps/s of any way of running the sweep."""
+    """What the cores' matrix products allow: one thread's GFLOP/s on a product of the largest layer's
+    shape, and the model's matrix-product GFLOP per step (forward; backward twice that, less the first
+    layer's input gradient, which the images do not need), so that workers x GFLOP/s / (GFLOP per
+    step) bounds the model-steps/s of any way of running the sweep at that speed."""
     cfg = validate(compose_config(OVERRIDES))
     engine = build_engine([cfg], [None])
-    weights = [p for p in engine.runs[0].model.parameters() if p.dim() == 2]
+    weights = [p for p in engine.runs[0].model.parameters() if p.dim() == 2]  # weights[0] reads the images
     batch = cfg.train.batch_size
-    gflop_per_step = 3 * 2 * batch * sum(w.numel() for w in weights) / 1e9
+    forward = 2 * batch * sum(w.numel() for w in weights)
+    gflop_per_step = (3 * forward - 2 * batch * weights[0].numel()) / 1e9
     rows, cols = max(weights, key=lambda w: w.numel()).shape
     a, b = torch.randn(batch, cols), torch.randn(cols, rows)
     threads = torch.get_num_threads()

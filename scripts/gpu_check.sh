@@ -107,7 +107,7 @@ table() {
     local dir=$WORK/sweeps/table1_$sweep
     python3 -m gvae.train -m hydra/launcher=packed experiment=table1_${sweep%_*} model=${sweep#*_} \
       device=$DEVICE "hydra.sweep.dir=$dir" "${TABLE[@]}" || return
-    python3 -m gvae.table chosen "$dir" | xargs python3 -m gvae.evaluation eval.num_samples=$EVAL_M \
+    python3 -m gvae.table chosen "$dir" | xargs -r python3 -m gvae.evaluation eval.num_samples=$EVAL_M \
       device=$DEVICE || return
   done
 }
@@ -130,7 +130,7 @@ reinmax() {
   local dir=$WORK/sweeps/reinmax_benchmark
   python3 -m gvae.train -m hydra/launcher=packed experiment=reinmax_benchmark device=$DEVICE \
     "hydra.sweep.dir=$dir" "${REINMAX[@]}" || return
-  python3 -m gvae.table chosen "$dir" | xargs python3 -m gvae.evaluation eval.num_samples=$REINMAX_M \
+  python3 -m gvae.table chosen "$dir" | xargs -r python3 -m gvae.evaluation eval.num_samples=$REINMAX_M \
     device=$DEVICE
 }
 
