@@ -35,6 +35,9 @@ class Interrupted(GvaeError):
         super().__init__(message)
         self.signum = signum
 
+    def __reduce__(self):  # across a process boundary (a worker's result): both arguments
+        return type(self), (str(self), self.signum)
+
 
 class Stopped(BaseException):
     """SIGTERM or SIGINT outside the training loop (start-up, the final evaluation): raised by the
@@ -43,6 +46,9 @@ class Stopped(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+    def __reduce__(self):  # its args hold the signal's name, __init__ takes its number
+        return type(self), (self.signum,)
 
 
 class JobFailed(CompactHydraException):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import pytest
 import gvae.engine
 import gvae.train
 import gvae.trainer
+from gvae.errors import Interrupted, Stopped
+from gvae.run_folder import describe_failure
 from tests.conftest import SYNTHETIC, gvae_train
 
 
@@ -212,3 +215,13 @@ def test_a_ctrl_c_outside_a_run_ends_with_one_line_and_status_130(monkeypatch, c
         cli._run("slow_to_start")
     assert exit_.value.code == 130
     assert capsys.readouterr().err == "gvae-train: interrupted\n"
+
+
+@pytest.mark.parametrize("error", [Interrupted("SIGTERM: checkpoint at step 7 kept", signal.SIGTERM),
+                                   Stopped(signal.SIGINT)], ids=["Interrupted", "Stopped"])
+def test_the_signal_errors_cross_a_process_boundary_whole(error):
+    """A pack trained in another process hands back its error pickled: the message, the class that
+    describe_failure tells apart and the signal number (the exit status is 128 + it) must survive."""
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is type(error) and str(copy) == str(error) and copy.signum == error.signum
+    assert describe_failure(copy, Path("/nonexistent")) == describe_failure(error, Path("/nonexistent"))
