@@ -165,11 +165,8 @@ def time_packed(cfg, sizes: list[int], steps: int, warmup: int) -> list[dict]:
     return results
 
 
-def time_pack(size: int, steps: int, warmup: int, seed0: int = 0) -> dict:
-    """One pack of `size` runs (seeds seed0, seed0 + 1, ...) stepped `steps` times after `warmup`:
-    the timed window's wall-clock start and end, so that packs timed in parallel processes add up."""
-    cfgs = [validate(compose_config([*OVERRIDES, f"seed={seed}"])) for seed in range(seed0, seed0 + size)]
-    engine = build_engine(cfgs, [None] * size, pack=True)
+def timed_window(engine, steps: int, warmup: int) -> tuple[float, float]:
+    """Wall-clock start and end of `steps` steps of `engine` after `warmup` untimed ones."""
     for _ in range(warmup):
         engine.train_step()
     sync(engine.device)
@@ -177,8 +174,15 @@ def time_pack(size: int, steps: int, warmup: int, seed0: int = 0) -> dict:
     for _ in range(steps):
         engine.train_step()
     sync(engine.device)
-    return {"start": start, "end": time.time(), "model_steps": size * steps,
-            "threads": torch.get_num_threads()}
+    return start, time.time()
+
+
+def time_pack(size: int, steps: int, warmup: int, seed0: int = 0) -> dict:
+    """One pack of `size` runs (seeds seed0, seed0 + 1, ...) stepped `steps` times after `warmup`:
+    the timed window's wall-clock start and end, so that packs timed in parallel processes add up."""
+    cfgs = [validate(compose_config([*OVERRIDES, f"seed={seed}"])) for seed in range(seed0, seed0 + size)]
+    start, end = timed_window(build_engine(cfgs, [None] * size, pack=True), steps, warmup)
+    return {"start": start, "end": end, "model_steps": size * steps, "threads": torch.get_num_threads()}
 
 
 def matmul_ceiling(workers: int) -> dict:
@@ -218,15 +222,8 @@ def time_sweep(size: int, steps: int, warmup: int, workers: int) -> list[dict]:
     cfgs = [validate(compose_config([*OVERRIDES, f"seed={seed}"])) for seed in range(size)]
     seconds = 0.0
     for cfg in cfgs:  # one after another: each its own engine, as each its own job
-        engine = build_engine([cfg], [None])
-        for _ in range(warmup):
-            engine.train_step()
-        sync(engine.device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.train_step()
-        sync(engine.device)
-        seconds += time.perf_counter() - t0
+        start, end = timed_window(build_engine([cfg], [None]), steps, warmup)
+        seconds += end - start
     alone = size * steps / seconds
     one = time_pack(size, steps, warmup)
     packed = one["model_steps"] / (one["end"] - one["start"])
@@ -288,7 +285,7 @@ def main() -> None:
     args = parser.parse_args()
     OVERRIDES[:] = [f"device={args.device}", f"train.batch_size={args.batch}", *args.overrides]
     if args.pack_worker:  # one of --sweep's processes
-        print(json.dumps(time_pack(*args.pack_worker[:1], args.steps, args.warmup, args.pack_worker[1])))
+        print(json.dumps(time_pack(args.pack_worker[0], args.steps, args.warmup, seed0=args.pack_worker[1])))
         return
 
     cfg = compose_config([f"device={args.device}", f"train.batch_size={args.batch}", *args.overrides])
