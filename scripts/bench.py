@@ -213,6 +213,37 @@ def matmul_ceiling(workers: int) -> dict:
             "ceiling_model_steps_per_sec": workers * gflops / gflop_per_step}
 
 
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+
+
+def pack_matmul_share(size: int, steps: int, warmup: int) -> dict:
+    """Where one thread's time goes in a pack's step: the seconds per model-step spent in matrix
+    products (the profiler's self time of the product kernels) and in everything, so that
+    workers / (product seconds per model-step) bounds any way of running the sweep whose products
+    run at this speed, with every other kernel free."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfgs = [validate(compose_config([*OVERRIDES, f"seed={seed}"])) for seed in range(size)]
+    engine = build_engine(cfgs, [None] * size, pack=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(warmup):
+            engine.train_step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                engine.train_step()
+    finally:
+        torch.set_num_threads(threads)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / 1e6
+    products = sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS) / 1e6
+    model_steps = size * steps
+    return {"pack_profiled": size, "pack_seconds_per_model_step": total / model_steps,
+            "pack_matmul_seconds_per_model_step": products / model_steps,
+            "pack_matmul_share": products / total}
+
+
 def time_sweep(size: int, steps: int, warmup: int, workers: int) -> list[dict]:
     """The ways a sweep of `size` jobs of the default model can use this machine's cores, side by side
     (model-steps per second of training, start-up and evaluation left out): the jobs one after another,
@@ -239,7 +270,11 @@ def time_sweep(size: int, steps: int, warmup: int, workers: int) -> list[dict]:
         raise SystemExit("a pack worker failed")
     window = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     in_workers = sum(p["model_steps"] for p in parts) / window
-    ceiling = matmul_ceiling(workers) if OVERRIDES[0] == "device=cpu" else {}
+    ceiling = {}
+    if OVERRIDES[0] == "device=cpu":
+        ceiling = {**matmul_ceiling(workers), **pack_matmul_share(shares[0], steps, warmup)}
+        ceiling["matmul_bound_model_steps_per_sec"] = workers / ceiling["pack_matmul_seconds_per_model_step"]
+        ceiling["matmul_bound_over_one_after_another"] = ceiling["matmul_bound_model_steps_per_sec"] / alone
     return [{"mode": f"sweep_S{size}", "jobs": size, "steps": steps,
              "one_after_another_model_steps_per_sec": alone,
              "one_after_another_threads": torch.get_num_threads(),

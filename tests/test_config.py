@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from gvae import configs
 from gvae.config import Config, config_from_dict, hydra_initialized, validate
 from gvae.errors import ConfigError
-from gvae.estimators import ESTIMATORS
+from gvae.estimators import ESTIMATORS, estimator_cost
 from gvae.jobs import train
 from gvae.tasks import build_task
 from gvae.tasks.vae import VAE
@@ -284,4 +284,5 @@ def test_help_names_every_group_with_its_options_and_every_estimator_with_a_line
     assert not any("_schema" in line for line in lines if not line.startswith(" "))
     for name, cls in ESTIMATORS.items():
         first = cls.__doc__.strip().splitlines()[0]
-        assert any(line.startswith(name) and line.endswith(first) for line in lines), name
+        cost = f"[{estimator_cost(cls)}]"
+        assert any(line.startswith(name) and cost in line and line.endswith(first) for line in lines), name

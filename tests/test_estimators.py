@@ -103,6 +103,7 @@ class Problem:
             return self.f(z, w)
 
         surrogate, value = estimator(logits, torch.tensor(tau), f)
+        self.decoder_calls = len(seen)
         assert value.shape == (draws,) and not value.requires_grad
         torch.testing.assert_close(value, self.f(seen[0], w).detach())  # value is f at the sample
         g_logits, g_w = torch.autograd.grad(surrogate.mean(), [logits, w])
@@ -309,6 +310,74 @@ def test_rebar_and_disarm_are_unbiased(name, latent):
     g_logits, g_w, _ = problem.estimate(make(name, problem.latent), DRAWS)
     assert_unbiased(g_logits, exact_logits)
     assert_unbiased(g_w, exact_w)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("latent", supported("rloo"))
+def test_rloo_is_unbiased(latent, k):
+    torch.manual_seed(5)
+    problem = Problem(LATENTS[latent]())
+    exact_logits, exact_w = problem.exact()
+    g_logits, g_w, _ = problem.estimate(make("rloo", problem.latent, k=k), DRAWS)
+    assert_unbiased(g_logits, exact_logits)
+    assert_unbiased(g_w, exact_w)
+
+
+def test_rloo_backward_centres_each_sample_by_the_others_mean():
+    """For one batch of draws, the gradient reaching the logits is the stated formula: sample k's
+    signal is f(z_k) minus the mean of the other K - 1 values (a baseline with z_k in it biases)."""
+    latent = LATENTS["categorical"]()
+    logits = torch.randn(64, *latent.shape, requires_grad=True)
+    codes: list[torch.Tensor] = []
+
+    def f(z):
+        codes.append(z)
+        return latent.flatten(z)[:, 0] * 3.0
+
+    surrogate, _ = make("rloo", latent, k=3)(logits, torch.tensor(1.0), f)
+    (grad,) = torch.autograd.grad(surrogate.sum(), logits)
+    values = torch.stack([latent.flatten(z)[:, 0] * 3.0 for z in codes])  # (K, B)
+    expected = torch.zeros_like(logits)
+    for k, z in enumerate(codes):
+        others = (values.sum(0) - values[k]) / 2
+        log_q = latent.log_prob(z, logits)
+        (g,) = torch.autograd.grad(((values[k] - others) * log_q).sum() / 3, logits, retain_graph=True)
+        expected += g
+    torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("latent", supported("rloo"))
+def test_rloo_gives_exactly_zero_where_every_sample_agrees(latent):
+    """A variable that all K samples of an example put at the same value gets no gradient at all,
+    not rounding (Adam turns a gradient of rounding alone into steps of the learning rate's size)."""
+    latent = LATENTS[latent]()
+    logits = torch.randn(4096, *latent.shape, requires_grad=True)
+    w = torch.randn(latent.code_size, HIDDEN)
+    codes: list[torch.Tensor] = []
+
+    def f(z):
+        codes.append(z)
+        return F.softplus(latent.flatten(z) @ w).sum(-1) * 1.7
+
+    surrogate, _ = make("rloo", latent, k=3)(logits, torch.tensor(1.0), f)
+    (grad,) = torch.autograd.grad(surrogate.sum(), logits)
+    agree = torch.stack([z == codes[0] for z in codes]).all(0)
+    if logits.dim() == 3:  # a categorical variable agrees when its whole one-hot vector does
+        agree = agree.all(-1, keepdim=True).expand_as(agree)
+    assert agree.float().mean() > 0.1 and (~agree).any()
+    assert (grad[agree] == 0).all() and (grad[~agree] != 0).any()
+
+
+@pytest.mark.parametrize(("name", "latent", "options"),
+                         [(name, lt, {}) for name in sorted(ESTIMATORS) for lt in supported(name)]
+                         + [("rloo", "bernoulli", {"k": 3})])
+def test_the_stated_cost_is_the_number_of_decoder_evaluations(name, latent, options):
+    """`gvae-train --help` states each estimator's decoder evaluations per step: the fair-cost measure."""
+    problem = Problem(LATENTS[latent]())
+    estimator = make(name, problem.latent, **options)
+    problem.estimate(estimator, 16)
+    cost = estimator.cfg.decoder_evaluations
+    assert problem.decoder_calls == (int(cost) if cost.isdigit() else getattr(estimator.cfg, cost))
 
 
 @pytest.mark.parametrize("latent", supported("gumbel_rao"))
