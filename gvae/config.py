@@ -175,6 +175,7 @@ class Config:
         self.task.check("task", self.model, list(self.data.image_shape))
         self.estimator.check("estimator")
         self.estimator.check_latent("estimator", self.model.latent.value)
+        self.estimator.check_objective("estimator", self.task.objective.value, self.task.samples)
         self.schedule.check("schedule")
         self.optim.check("optim")
         self.train.check("train")

@@ -26,7 +26,7 @@ from gvae.config import Config, StepMode, container, flatten, resolve_device
 from gvae.data import BatchSampler, Splits, load_splits
 from gvae.nets import Net
 from gvae.objective import TrainStats
-from gvae.packing import PackedOptimizer, copy_to, stack_models
+from gvae.packing import PackedOptimizer, copy_to, layouts, stack_models
 from gvae.rng import CounterRNG
 from gvae.roles import roles
 from gvae.step import Graphs, StepFn, make_train_step, optimizer_kwargs, resolve_mode
@@ -148,19 +148,21 @@ class PackedEngine(Engine):
         self.model = stack_models([p.model for p in parts]).to(self.device)
         self.estimator = self.model.build_estimator(first.estimator,
                                                     [c.estimator for c in cfgs]).to(self.device)
-        if any(True for _ in self.estimator.parameters()):
-            raise ValueError(f"estimator={first.estimator.name} has parameters of its own: "
-                             "it cannot be packed")
+        # The estimator's state, made with the pack's shape (S, ...) or shared: the runs' stacked, or the
+        # first's.
         with torch.no_grad():
-            for name, buffer in self.estimator.named_buffers():
-                singles = [p.estimator.get_buffer(name) for p in parts]
-                buffer.copy_(torch.stack(singles) if buffer.dim() > singles[0].dim() else singles[0])
+            for name, tensor in self.estimator_state():
+                singles = [p.estimator.get_parameter(name) if isinstance(tensor, torch.nn.Parameter)
+                           else p.estimator.get_buffer(name) for p in parts]
+                tensor.copy_(torch.stack(singles) if tensor.dim() > singles[0].dim() else singles[0])
         optimizer_cls = hydra.utils.get_class(first.optim._target_)
         lrs = [c.optim.lr for c in cfgs]
-        inner = hydra.utils.instantiate(first.optim)(list(self.model.parameters()), lr=min(lrs),
+        params = [*self.model.parameters(), *self.estimator.parameters()]
+        inner = hydra.utils.instantiate(first.optim)(params, lr=min(lrs),
                                                      **optimizer_kwargs(optimizer_cls, mode))
         self.optimizer = PackedOptimizer(inner, lrs)
-        self.optimizer.load_states(self.model, [p.optimizer for p in parts], [p.params for p in parts])
+        self.layouts = layouts(self.model, self.estimator)
+        self.optimizer.load_states(self.layouts, [p.optimizer for p in parts], [p.params for p in parts])
         rng = CounterRNG([c.seed for c in cfgs], self.device, step)
         for latent in self.model.latents:
             latent.rng = rng
@@ -182,8 +184,12 @@ class PackedEngine(Engine):
     def lr(self, s: int) -> float:
         return self.optimizer.lrs[s]
 
+    def estimator_state(self) -> list[tuple[str, torch.Tensor]]:
+        """The packed estimator's parameters and buffers, by name."""
+        return [*self.estimator.named_parameters(), *self.estimator.named_buffers()]
+
     def watched(self) -> list[torch.Tensor]:
-        tensors = [*self.model.parameters(), *self.estimator.buffers()]
+        tensors = [*self.model.parameters(), *(t for _, t in self.estimator_state())]
         return [t for t in tensors if t.dim() > 0 and t.shape[0] == len(self.runs)]
 
     def sync_to_runs(self) -> None:
@@ -191,10 +197,11 @@ class PackedEngine(Engine):
         for s, parts in enumerate(self.runs):
             copy_to(self.model, s, parts.model)
             with torch.no_grad():
-                for name, buffer in self.estimator.named_buffers():
-                    target = parts.estimator.get_buffer(name)
-                    target.copy_(buffer[s] if buffer.dim() > target.dim() else buffer)
-            self.optimizer.copy_state_to(s, self.model, parts.optimizer, parts.params)
+                for name, tensor in self.estimator_state():
+                    target = (parts.estimator.get_parameter(name) if isinstance(tensor, torch.nn.Parameter)
+                              else parts.estimator.get_buffer(name))
+                    target.copy_(tensor[s] if tensor.dim() > target.dim() else tensor)
+            self.optimizer.copy_state_to(s, self.layouts, parts.optimizer, parts.params)
 
     def describe(self) -> str:
         return f"{len(self.runs)} runs packed, outputs"

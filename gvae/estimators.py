@@ -20,8 +20,9 @@ and the YAML holds `defaults: [mine_schema, _self_]` (Hydra's structured-config 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -31,6 +32,7 @@ from torch import nn
 
 from gvae.errors import require
 from gvae.latents import Bernoulli, Latent
+from gvae.objective import k_sample_bound
 from gvae.roles import per_run
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]
@@ -53,6 +55,15 @@ class EstimatorConfig:
         require(self.name in ESTIMATORS, f"{key}.name", self.name, f"one of {sorted(ESTIMATORS)}")
         require(isinstance(self, ESTIMATORS[self.name].config), f"{key}.name", self.name,
                 f"these options are {type(self).__name__}'s; choose another estimator with estimator=NAME")
+
+    def check_objective(self, key: str, objective: str, samples: int) -> None:
+        """ConfigError unless the estimator trains this objective (task.objective)."""
+        allowed = ESTIMATORS[self.name].objectives
+        multi = sorted(n for n, c in ESTIMATORS.items() if "iwae" in c.objectives)
+        require(objective in allowed, "task.objective", objective,
+                f"{key}={self.name} trains " + (
+                    "the K-sample bound only: set task.objective=iwae" if "elbo" not in allowed else
+                    f"the single-sample objective only; task.objective=iwae trains with {', '.join(multi)}"))
 
     def check_latent(self, key: str, latent: str) -> None:
         """ConfigError unless the estimator is defined for this latent type."""
@@ -89,6 +100,8 @@ class Estimator(nn.Module):
 
     name: str
     config: type[EstimatorConfig]
+    objectives: ClassVar[tuple[str, ...]] = ("elbo",)  # the task objectives it trains (task.objective)
+    whole_path: ClassVar[bool] = False  # its learning signal belongs to a whole sampled path (VIMCO)
 
     def __init__(self, latent: Latent, cfg: EstimatorConfig, runs: list[EstimatorConfig] | None = None):
         super().__init__()
@@ -117,6 +130,14 @@ class Estimator(nn.Module):
         gradient estimate, value is f at the sampled code, detached, for logging."""
         raise NotImplementedError
 
+    def multi_sample(self, logits: torch.Tensor, tau: torch.Tensor, f: LossFn,
+                     k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K-sample objective (task.objective=iwae): `logits` holds each example's logits K times
+        (gvae.objective.repeat_rows) and f is -log w of a code. Return (surrogate, bound), (..., B)
+        each: surrogate.mean(-1) carries the gradient estimate of the bound -log (1/K) sum_k w_k,
+        bound is its value at the samples, detached."""
+        raise NotImplementedError
+
 
 def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     """`hard` forward, the gradient of `soft` backward.
@@ -132,7 +153,10 @@ def straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
 
 
 class Reparameterized(Estimator):
-    """Estimators that are a sample with the right gradient: the surrogate is f(sample)."""
+    """Estimators that are a sample with the right gradient: the surrogate is f(sample). In the
+    K-sample bound each of the K samples is one, and the bound is differentiated through them."""
+
+    objectives = ("elbo", "iwae")
 
     def sample(self, logits: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -140,6 +164,10 @@ class Reparameterized(Estimator):
     def forward(self, logits, tau, f):
         value = f(self.sample(logits, tau))
         return value, value.detach()
+
+    def multi_sample(self, logits, tau, f, k):
+        bound = k_sample_bound(f(self.sample(logits, tau)), k)
+        return bound, bound.detach()
 
 
 @dataclass
@@ -422,6 +450,51 @@ class ReinMax(Reparameterized):
 
 
 @dataclass
+class ReinMaxRaoConfig(EstimatorConfig):
+    name: str = "reinmax_rao"
+    uses_temperature: ClassVar[bool] = True
+    tau: float | None = per_run(1.0)  # as ReinMax's; null: the schedule's
+    k: int = 100  # conditional Gumbel draws per sample (its authors' code: 100)
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(self.k >= 1, f"{key}.k", self.k, "must be >= 1")
+        require(self.tau is None or self.tau > 0, f"{key}.tau", self.tau, "must be > 0 (or null)")
+
+
+@register(ReinMaxRaoConfig)
+class ReinMaxRao(Reparameterized):
+    """ReinMax-Rao: ReinMax with a Gumbel-Rao first-order term (Wang & Bui, arXiv 2603.08257, 2026).
+
+    As its first author's code computes it (../shared/docs/reference.md; the paper's method section
+    was not readable): forward an exact sample D ~ q, pi = softmax(logits); backward
+        2 J_GR g - (1/2) J(pi) g,   J_GR = (1/K) sum_k J(softmax((theta_D + G_k) / tau)) / tau,
+    J(p) = diag(p) - p p^T, theta_D = log((pi + D) / 2) (ReinMax's midpoint) and G_k Gumbel noise
+    drawn given argmax(theta_D + G) = D, held fixed (gradients pass through neither). That is
+    ReinMax with its midpoint Jacobian J(pi1) replaced by the Gumbel-Rao Jacobian at theta_D. (The
+    code's third term J(pi) g_pi is the gradient through pi of the analytic KL, which gvae's
+    objectives add themselves.) Built as vector-Jacobian products, never a Jacobian: the gradient of
+    2 mean_k softmax((logits + c_k) / tau) - pi / 2 with c_k = theta_D + G_k - logits held fixed,
+    O(B N K C) memory where the authors' code materialises K C x C matrices per variable. A binary
+    unit is the two-class case (sigmoid, logistic noise given the sign). `tau`: null follows the
+    schedule; `k`: K.
+    """
+
+    def sample(self, logits, tau):
+        tau = tau if self.cfg.tau is None else self.option("tau", logits)
+        latent, d, k = self.latent, self.batch_dim, self.cfg.k  # the K draws go where the batch starts
+        fixed = logits.detach()
+        z = latent.sample(fixed)
+        pi = latent.probs(logits)
+        midpoint = latent.logits_of((z + pi.detach()) / 2).unsqueeze(d)
+        draws = z.unsqueeze(d).expand(*z.shape[:d], k, *z.shape[d:])
+        shift = (latent.conditional_perturbed(midpoint, draws) - fixed.unsqueeze(d)).detach()
+        tau = tau.unsqueeze(d) if torch.is_tensor(tau) and tau.dim() > 0 else tau
+        rao = latent.relax(logits.unsqueeze(d) + shift, tau).mean(d)
+        return straight_through(z, 2 * rao - pi / 2)
+
+
+@dataclass
 class GumbelRaoConfig(EstimatorConfig):
     name: str = "gumbel_rao"
     uses_temperature: ClassVar[bool] = True
@@ -560,46 +633,178 @@ class DisARM(Estimator):
 
 
 @dataclass
-class REBARConfig(EstimatorConfig):
-    name: str = "rebar"
+class RelaxationControlOptions(EstimatorConfig):
+    """Options of the control variates built from the relaxation (REBAR, RELAX)."""
+
     decoder_evaluations: ClassVar[str] = "3"
-    temperature: float = per_run(0.5)  # lambda of the relaxation in the control variate
-    eta: float = per_run(1.0)  # the control variate's scale
+    temperature: float = per_run(0.5)  # lambda of the relaxation in the control variate (learned: its start)
+    eta: float = per_run(1.0)  # the control variate's scale (learned: its start)
 
     def check(self, key: str) -> None:
         super().check(key)
         require(self.temperature > 0, f"{key}.temperature", self.temperature, "must be > 0")
 
 
+@dataclass
+class REBARConfig(RelaxationControlOptions):
+    name: str = "rebar"
+    # Learn eta and log lambda by gradient descent on the estimator's variance, as REBAR's paper does;
+    # false: the fixed values above. Not per run: it changes what the step computes.
+    learn: bool = False
+
+
 @register(REBARConfig)
 class REBAR(Estimator):
     """REBAR: the score function with a control variate built from the continuous relaxation,
-    unbiased (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein, NeurIPS 2017).
+    unbiased (Tucker, Mnih, Maddison, Lawson & Sohl-Dickstein, NeurIPS 2017, arXiv 1703.07370).
 
     With z = logits + G (Gumbel or logistic noise), b = H(z) the exact sample, z~ ~ p(z | b)
-    reparameterized in the logits (Latent.conditional_perturbed), and s(.) = softmax(. / lambda)
-    (sigmoid for binary units), the encoder gradient is
-        [f(b) - eta f(s(z~))] grad log q(b) + eta grad f(s(z)) - eta grad f(s(z~)),
+    reparameterized in the logits (Latent.conditional_perturbed) and the control variate
+    c(z) = eta f(s(z)), s(.) = softmax(. / lambda) (sigmoid for binary units), the encoder gradient is
+        [f(b) - c(z~)] grad log q(b) + grad c(z) - grad c(z~),
     the last two terms differentiated through z and z~ and taken for the logits only (the decoder's
-    gradient is grad f(b)). lambda = `temperature` and eta = `eta` are fixed options here (the paper
-    also learns them by minimising the estimator's variance; not implemented).
+    gradient is grad f(b)). `temperature` (lambda) and `eta` are fixed, or with `learn` the starting
+    values of eta and log lambda, trained by minimising the estimator's variance (below).
+
+    Learning the control variate (REBAR's paper; as its authors' code for RELAX,
+    duvenaud/relax, binary_vae_multilayer_per_layer.py, computes it for REBAR and RELAX alike): the
+    variance objective is the mean over the batch and the logits' coordinates of the squared
+    gradient estimate reaching the logits (each example's, divided by the batch size: the gradient
+    of the batch's mean loss), whose mean does not depend on the control variate, so minimising
+    its second moment minimises its variance. It is differentiated in the control variate's own
+    parameters (second order, through the decoder), and that gradient is handed to the run's
+    optimizer with its other gradients (its learning rate: the authors' code scales it by 1 or 10).
+    One eta and one lambda per stochastic layer, eta unconstrained, as in that code. Differences
+    from Tucker et al.'s own REBAR code (tensorflow/models, research/rebar): it learns an eta per
+    parameter tensor, an input-dependent baseline, and minimises the variance of the gradient of
+    every model parameter, with a shifted relaxation; and it reuses z's noise for z~.
     """
 
+    def __init__(self, latent: Latent, cfg: RelaxationControlOptions,
+                 runs: list[RelaxationControlOptions] | None = None):
+        super().__init__(latent, cfg, runs)
+        self.learned = self.learns(cfg)
+        if self.learned:  # made with the pack's shape; a pack copies its runs' values in
+            self.eta = nn.Parameter(torch.full(self.pack_shape, float(cfg.eta)))
+            self.log_temperature = nn.Parameter(torch.full(self.pack_shape, math.log(cfg.temperature)))
+
+    @staticmethod
+    def learns(cfg: RelaxationControlOptions) -> bool:
+        """Whether the control variate is learned (REBAR: the `learn` option)."""
+        return cfg.learn
+
+    def per_run(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """A parameter with one value per run, shaped to broadcast against `like` (S, B, ...)."""
+        return t.view(*t.shape, *[1] * (like.dim() - t.dim())) if self.pack_shape else t
+
+    def control(self, f: LossFn, perturbed: torch.Tensor, lam, eta) -> torch.Tensor:
+        """c(z) per example for perturbed logits z: eta f(s(z))."""
+        return eta * f(self.latent.relax(perturbed, lam))
+
+    def control_parameters(self) -> list[nn.Parameter]:
+        return list(self.parameters())
+
     def forward(self, logits, tau, f):
+        # torch.compile cannot differentiate its graphs twice (aot_autograd), as learning the control
+        # variate does: then the estimator runs eagerly inside a compiled step.
+        return self.eager_estimate(logits, f) if self.learned else self.estimate(logits, f)
+
+    @torch.compiler.disable
+    def eager_estimate(self, logits: torch.Tensor, f: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.estimate(logits, f)
+
+    def estimate(self, logits: torch.Tensor, f: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """(surrogate, value): the docstring's estimator, and with `learned` the variance's step."""
         latent = self.latent
-        lam = self.option("temperature", logits)
         perturbed = logits + latent.noise(logits)
         b = latent.harden(perturbed).detach()
         value = f(b)
-        eta = self.option("eta", value)
-        relaxed = f(latent.relax(perturbed, lam))
-        conditioned = f(latent.relax(latent.conditional_perturbed(logits, b), lam))
-        surrogate = value + (value - eta * conditioned).detach() * latent.log_prob(b, logits)
+        if self.learned:
+            lam = self.per_run(self.log_temperature.exp(), logits)
+            eta = self.per_run(self.eta, value)
+        else:
+            lam, eta = self.option("temperature", logits), self.option("eta", value)
+        relaxed = self.control(f, perturbed, lam, eta)
+        conditioned = self.control(f, latent.conditional_perturbed(logits, b), lam, eta)
+        signal = value.detach() - conditioned
+        surrogate = value + signal.detach() * latent.log_prob(b, logits)
         if logits.requires_grad:  # the control variate's pathwise terms, for the logits only
-            difference = (eta * (relaxed - conditioned)).sum()
-            (pathwise,) = torch.autograd.grad(difference, logits, retain_graph=True)
+            (pathwise,) = torch.autograd.grad((relaxed - conditioned).sum(), logits, retain_graph=True,
+                                              create_graph=self.learned)
             surrogate = surrogate + latent.flatten(pathwise.detach() * logits).sum(-1)
+            if self.learned:
+                # The gradient estimate reaching each example's logits: grad log q(b) = b - E_q[b].
+                score = b - latent.probs(logits.detach())
+                estimate = signal.view(*signal.shape, *[1] * (score.dim() - signal.dim())) * score + pathwise
+                surrogate = surrogate + self.variance_step(estimate / estimate.shape[self.batch_dim])
         return surrogate, value.detach()
+
+    def variance_step(self, grad: torch.Tensor) -> torch.Tensor:
+        """A zero-valued term, per run, whose gradient in the control variate's parameters is that of
+        the mean square of `grad` (each run's own): added to the surrogate, it hands the variance's
+        gradient to the optimizer in the same backward pass as the model's."""
+        dims = tuple(range(self.batch_dim, grad.dim()))
+        variance = grad.square().mean(dims)  # (S,) or ()
+        params = self.control_parameters()
+        grads = torch.autograd.grad(variance.sum(), params, retain_graph=True)
+        step = sum((p * g.detach()).reshape(*self.pack_shape, -1).sum(-1)
+                   for p, g in zip(params, grads, strict=True))
+        step = step - step.detach()
+        return step.unsqueeze(-1) if self.pack_shape else step
+
+
+@dataclass
+class RELAXConfig(RelaxationControlOptions):
+    name: str = "relax"
+    hidden: list[int] = field(default_factory=lambda: [200, 200])  # r_rho's ReLU layers
+
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(all(h >= 1 for h in self.hidden), f"{key}.hidden", list(self.hidden),
+                "layer sizes must be >= 1")
+
+
+@register(RELAXConfig)
+class RELAX(REBAR):
+    """RELAX: REBAR's estimator with a learned surrogate, c(z) = eta f(s(z)) + r_rho(z), unbiased
+    (Grathwohl, Choi, Wu, Roeder & Duvenaud, ICLR 2018, arXiv 1711.00123; its discrete-latent
+    estimator, Algorithm 2).
+
+    r_rho is a small ReLU network (`hidden`: 200, 200 by default, as the authors' code,
+    duvenaud/relax, binary_vae_multilayer_per_layer.py, uses with depth 2; one per stochastic layer)
+    of the perturbed logits z, the relaxation's unrelaxed input as in that code; rho, eta and log
+    lambda are trained together on the estimator's variance (REBAR's docstring says how). The
+    paper writes c = f(s(z)) + r_rho(z) and learns rho and lambda; the code learns eta too and
+    scales r_rho by it (the same family), and also feeds r_rho the image and the earlier layers'
+    samples, which gvae's estimators do not see (they get the logits and f). With r_rho = 0 it is
+    REBAR with `learn`.
+    """
+
+    def __init__(self, latent: Latent, cfg: RELAXConfig, runs: list[RELAXConfig] | None = None):
+        super().__init__(latent, cfg, runs)
+        sizes = [latent.code_size, *cfg.hidden, 1]
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
+            bound = 1 / math.sqrt(n_in)  # nn.Linear's initialisation
+            weight = torch.empty(*self.pack_shape, n_in, n_out).uniform_(-bound, bound)
+            self.weights.append(nn.Parameter(weight))
+            self.biases.append(nn.Parameter(torch.empty(*self.pack_shape, n_out).uniform_(-bound, bound)))
+
+    @staticmethod
+    def learns(cfg: RelaxationControlOptions) -> bool:
+        return True  # RELAX always learns its surrogate
+
+    def surrogate_net(self, perturbed: torch.Tensor) -> torch.Tensor:
+        """r_rho(z) per example: (S, B, in) @ (S, in, out) in a pack, one product for all its runs."""
+        h = self.latent.flatten(perturbed)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+            h = torch.matmul(h, w) + (b.unsqueeze(-2) if self.pack_shape else b)
+            if i < len(self.weights) - 1:
+                h = torch.relu(h)
+        return h.squeeze(-1)
+
+    def control(self, f, perturbed, lam, eta):
+        return eta * f(self.latent.relax(perturbed, lam)) + self.surrogate_net(perturbed)
 
 
 @dataclass
@@ -646,10 +851,69 @@ class RLOO(Estimator):
         return pathwise + self.latent.flatten(grad / (k * (k - 1)) * logits).sum(-1), values[0].detach()
 
 
+@dataclass
+class VIMCOConfig(EstimatorConfig):
+    name: str = "vimco"
+    decoder_evaluations: ClassVar[str] = "task.samples"  # K, the objective's samples
+
+    def check_objective(self, key: str, objective: str, samples: int) -> None:
+        super().check_objective(key, objective, samples)
+        require(samples >= 2, "task.samples", samples,
+                f"{key}={self.name} centres each sample by the other K - 1: K must be >= 2")
+
+
+@register(VIMCOConfig)
+class VIMCO(Estimator):
+    """VIMCO: the K-sample bound's score-function gradient with a leave-one-out baseline per sample
+    (Mnih & Rezende, "Variational inference for Monte Carlo objectives", ICML 2016, arXiv 1602.06725).
+
+    With K exact samples z_k ~ q per example, log-weights l_k = log p(x, z_k) - log q(z_k | x) and
+    L = log (1/K) sum_k exp(l_k), the gradient estimate of L is
+        sum_k (L - L_-k) grad log q(z_k) + sum_k w~_k grad l_k,   w~_k = exp(l_k) / sum_j exp(l_j),
+    L_-k = log (1/K) (sum_{j != k} exp(l_j) + exp(mean_{j != k} l_j)): L with l_k replaced by the
+    others' mean (the geometric mean of their weights), which does not depend on z_k, so each
+    baseline leaves the estimate unbiased. The second sum is autograd's gradient of L itself
+    (pathwise in the decoder and prior, directly in log q's logits). It trains the K-sample bound
+    only (task.objective=iwae, K = task.samples >= 2); no moving averages, no normalization. In the
+    structured-output SBN the signal is the whole path's: every layer's log-probability gets it.
+    """
+
+    objectives = ("iwae",)
+    whole_path = True
+
+    def forward(self, logits, tau, f):
+        raise TypeError("estimator=vimco trains the K-sample bound (task.objective=iwae): "
+                        "call multi_sample")
+
+    def multi_sample(self, logits, tau, f, k):
+        z = self.latent.sample(logits.detach())
+        return self.joint_surrogate(f(z), self.latent.log_prob(z, logits), k)
+
+    @staticmethod
+    def joint_surrogate(neg_log_weights: torch.Tensor, log_q: torch.Tensor,
+                        k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(surrogate, bound) per example from -l_k and log q(z_k) of exact samples, (..., B * K) with
+        an example's K samples adjacent; -log w carries its pathwise and direct gradients."""
+        log_w = -neg_log_weights.view(*neg_log_weights.shape[:-1], -1, k)  # (..., B, K)
+        bound = math.log(k) - torch.logsumexp(log_w, dim=-1)  # -L
+        fixed = log_w.detach()
+        others_mean = (fixed.sum(-1, keepdim=True) - fixed) / (k - 1)
+        # Row k: the log-weights with the k-th replaced by the others' mean; L_-k is its log-mean-exp.
+        swapped = torch.where(torch.eye(k, dtype=torch.bool, device=fixed.device),
+                              others_mean.unsqueeze(-1), fixed.unsqueeze(-2))
+        leave_one_out = torch.logsumexp(swapped, dim=-1) - math.log(k)  # (..., B, K)
+        signal = (-bound.detach()).unsqueeze(-1) - leave_one_out
+        score = (signal * log_q.view(*log_q.shape[:-1], -1, k)).sum(-1)
+        return bound - score, bound.detach()
+
+
 def estimator_cost(cls: type[Estimator]) -> str:
-    """Decoder evaluations per step, in words: "1 decoder pass", "k = 2 decoder passes"."""
+    """Decoder evaluations per step, in words: "1 decoder pass", "k = 2 decoder passes", "K =
+    task.samples decoder passes"."""
     cost = cls.config.decoder_evaluations
-    if not cost.isdigit():  # an option's name: its default
+    if "." in cost:  # another group's key
+        cost = f"K = {cost}"
+    elif not cost.isdigit():  # an option's name: its default
         cost = f"{cost} = {getattr(cls.config(), cost)}"
     return f"{cost} decoder pass" + ("" if cost == "1" else "es")
 
@@ -662,7 +926,11 @@ def estimator_help() -> str:
     lines = [f"{name:<{width}}  {costs[name]:<{cost_width}}  {(cls.__doc__ or '').strip().splitlines()[0]}"
              for name, cls in sorted(ESTIMATORS.items())]
     return "\n".join([*lines, "Decoder passes are per stochastic layer: in task=sbn each of a layer's passes "
-                                "runs the layers below it, so the counts multiply."])
+                                "runs the layers below it, so the counts multiply. With task.objective=iwae "
+                                "(the K-sample bound) a reparameterised estimator makes its passes for "
+                                "each of the K = task.samples samples; vimco trains that objective only. "
+                                "rebar with estimator.learn=true and relax add a second-order pass through "
+                                "their three (the variance's gradient)."])
 
 
 def build_estimator(cfg: EstimatorConfig, latent: Latent,

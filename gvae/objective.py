@@ -1,7 +1,9 @@
-"""The pieces every task's objective is made of: the Bernoulli pixel likelihood, and the named
-training figures a step returns."""
+"""The pieces every task's objective is made of: the Bernoulli pixel likelihood, the K-sample
+importance-weighted bound, and the named training figures a step returns."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,21 @@ def recon_nll(pixel_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if pixel_logits.shape == x.shape:
         return F.binary_cross_entropy_with_logits(pixel_logits, x, reduction="none").sum(-1)
     return F.softplus(pixel_logits).sum(-1) - torch.einsum("...p,...p->...", pixel_logits, x)
+
+
+def repeat_rows(t: torch.Tensor, k: int, batch_dim: int) -> torch.Tensor:
+    """Each example's row of `t` (batch along `batch_dim`) repeated k times, the copies adjacent:
+    (..., B, ...) -> (..., B * k, ...), so that a view (..., B, k) groups an example's samples."""
+    shape = t.shape
+    expanded = t.unsqueeze(batch_dim + 1).expand(*shape[: batch_dim + 1], k, *shape[batch_dim + 1:])
+    return expanded.reshape(*shape[:batch_dim], shape[batch_dim] * k, *shape[batch_dim + 1:])
+
+
+def k_sample_bound(neg_log_weights: torch.Tensor, k: int) -> torch.Tensor:
+    """-log (1/K) sum_k w_k per example from -log w of each sample, (..., B * K) with an example's K
+    samples adjacent (repeat_rows): (..., B). Burda, Grosse & Salakhutdinov (2016)."""
+    log_w = -neg_log_weights.view(*neg_log_weights.shape[:-1], -1, k)
+    return math.log(k) - torch.logsumexp(log_w, dim=-1)
 
 
 class TrainStats:

@@ -5,12 +5,14 @@ A small model leaves a GPU idle: one step is a few hundred small kernels. Packed
 kernel: each Linear's weights are stacked along a leading run dimension (StackedLinear, one batched
 product), every other tensor of the model gets a run dimension and a batch dimension of one, so that
 each tensor of a step carries the runs along its first dimension and the task's own code (gvae/tasks/)
-runs unchanged. Parameters keep one model's order, so the runs' slices map one to one.
+runs unchanged. Parameters keep one model's order, so the runs' slices map one to one. An estimator
+with parameters of its own (a learned control variate) makes them with the pack's shape, (S, ...).
 """
 
 from __future__ import annotations
 
 import copy
+from enum import Enum
 from typing import Any
 
 import torch
@@ -55,31 +57,43 @@ def stack_models(models: list[nn.Module]) -> nn.Module:
     return packed
 
 
-def _is_weight(packed: nn.Module) -> list[bool]:
-    """Per parameter of a stacked module: a StackedLinear weight (S, in, out), or else (S, 1, ...)."""
-    return [name.endswith(".weight")
-            and isinstance(packed.get_submodule(name.rpartition(".")[0]), StackedLinear)
-            for name, _ in packed.named_parameters()]
+class Layout(Enum):
+    """How a stacked tensor holds the runs' copies of one model's tensor."""
+
+    WEIGHT = "weight"  # a StackedLinear weight: (S, in, out), each run's transposed
+    FREE = "free"  # any other tensor of a stacked model: (S, 1, ...)
+    LEADING = "leading"  # an estimator's own parameter, made with the pack's shape: (S, ...)
 
 
-def single(is_weight: bool, packed: torch.Tensor, s: int) -> torch.Tensor:
+def layouts(packed: nn.Module, estimator: nn.Module | None = None) -> list[Layout]:
+    """Per parameter of a stacked model, then of the packed estimator, its layout: the order of
+    the pack's optimizer."""
+    kinds = [Layout.WEIGHT if name.endswith(".weight")
+             and isinstance(packed.get_submodule(name.rpartition(".")[0]), StackedLinear) else Layout.FREE
+             for name, _ in packed.named_parameters()]
+    return kinds + [Layout.LEADING for _ in (estimator.parameters() if estimator is not None else ())]
+
+
+def single(layout: Layout, packed: torch.Tensor, s: int) -> torch.Tensor:
     """Run s's part, in one model's layout, of a stacked parameter or of a tensor shaped like it."""
-    return packed[s].T if is_weight else packed[s, 0]
+    if layout is Layout.WEIGHT:
+        return packed[s].T
+    return packed[s, 0] if layout is Layout.FREE else packed[s]
 
 
-def stacked(is_weight: bool, singles: list[torch.Tensor]) -> torch.Tensor:
+def stacked(layout: Layout, singles: list[torch.Tensor]) -> torch.Tensor:
     """The runs' tensors shaped like one model's parameter, stacked in the pack's layout."""
-    if is_weight:
+    if layout is Layout.WEIGHT:
         return torch.stack([t.T for t in singles]).contiguous()
-    return torch.stack(singles).unsqueeze(1)
+    together = torch.stack(singles)
+    return together.unsqueeze(1) if layout is Layout.FREE else together
 
 
 def copy_to(packed: nn.Module, s: int, model: nn.Module) -> None:
     """Write run s's slice of a stacked module into its separate model."""
     with torch.no_grad():
-        kinds = _is_weight(packed)
-        for is_weight, p, one in zip(kinds, packed.parameters(), model.parameters(), strict=True):
-            one.copy_(single(is_weight, p, s))
+        for layout, p, one in zip(layouts(packed), packed.parameters(), model.parameters(), strict=True):
+            one.copy_(single(layout, p, s))
         for b, one in zip(packed.buffers(), model.buffers(), strict=True):
             one.copy_(b[s, 0])
 
@@ -127,20 +141,18 @@ class PackedOptimizer:
             for before, p in zip(self._before, params, strict=True):
                 p.copy_(torch.lerp(before, p, self._ratio(p)))
 
-    def copy_state_to(self, s: int, packed: nn.Module, optimizer: torch.optim.Optimizer,
+    def copy_state_to(self, s: int, kinds: list[Layout], optimizer: torch.optim.Optimizer,
                       params: list[nn.Parameter]) -> None:
-        """Run s's part of the optimizer state into its separate optimizer (over `params`, one model's
-        parameters in the stacked module's order)."""
-        kinds = _is_weight(packed)
+        """Run s's part of the optimizer state into its separate optimizer (over `params`, one run's
+        parameters in the pack's order, whose layouts are `kinds`)."""
         for i, (p, one) in enumerate(zip(self.inner.param_groups[0]["params"], params, strict=True)):
             state = self.inner.state.get(p)
             if state:
                 optimizer.state[one] = {k: _part(kinds[i], v, s) for k, v in state.items()}
 
-    def load_states(self, packed: nn.Module, optimizers: list[torch.optim.Optimizer],
+    def load_states(self, kinds: list[Layout], optimizers: list[torch.optim.Optimizer],
                     params: list[list[nn.Parameter]]) -> None:
         """Stack the separate runs' optimizer states (a resumed pack) into this one's."""
-        kinds = _is_weight(packed)
         for i, p in enumerate(self.inner.param_groups[0]["params"]):
             states = [opt.state.get(ps[i]) for opt, ps in zip(optimizers, params, strict=True)]
             if all(states):
@@ -150,12 +162,12 @@ class PackedOptimizer:
                     for k in states[0]}
 
 
-def _part(is_weight: bool, value: Any, s: int) -> Any:
+def _part(layout: Layout, value: Any, s: int) -> Any:
     """Run s's part of an optimizer state entry: a stacked tensor's slice, or a shared step count."""
     if torch.is_tensor(value):
         # Contiguous, as a separate run's own state is: a slice of the stacked (S, in, out) state is a
         # transposed view, and the fused optimizers step such a state in the wrong element order.
         if value.dim() == 0:  # the shared step count
             return value.clone()
-        return single(is_weight, value, s).clone(memory_format=torch.contiguous_format)
+        return single(layout, value, s).clone(memory_format=torch.contiguous_format)
     return value

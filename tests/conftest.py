@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from gvae.config import compose_config, register_configs
 from gvae.mnist import IDX_FILES
 
-__all__ = ["SMALL", "SYNTHETIC", "TINY", "compose_config", "gvae_train"]  # the tests import these from here
+# The tests import these from here.
+__all__ = ["SMALL", "SYNTHETIC", "TINY", "compose_config", "estimator_overrides", "gvae_train"]
 register_configs()  # for the tests that compose with Hydra's own API
 
 # A run small enough for the 2-core CI machine: few steps, small evaluation.
@@ -28,6 +29,15 @@ SMALL = [o for o in TINY if not o.startswith("train.eval_every=")] + [
     "train.eval_every=20", "data.num_val=1000", "eval.images=false", "model.hidden=[32]"]
 # TINY on the in-memory dataset, whose structure a 4x4 categorical latent fits: no files at all.
 SYNTHETIC = [*TINY, "data=synthetic", "model.num_vars=4", "model.num_classes=4", "model.hidden=[64]"]
+
+
+def estimator_overrides(name: str) -> list[str]:
+    """`estimator=NAME`, with the task objective it trains when that is not the default one (vimco:
+    the K-sample bound), so that a test over every estimator composes a config each accepts."""
+    from gvae.estimators import ESTIMATORS
+
+    iwae_only = "elbo" not in ESTIMATORS[name].objectives
+    return [f"estimator={name}", *(["task.objective=iwae"] if iwae_only else [])]
 
 
 @pytest.fixture

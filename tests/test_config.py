@@ -23,7 +23,7 @@ from gvae.estimators import ESTIMATORS, estimator_cost
 from gvae.jobs import train
 from gvae.tasks import build_task
 from gvae.tasks.vae import VAE
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, estimator_overrides
 
 CONFIG_DIR = Path(configs.__file__).parent  # the folder Hydra reads, found through the package
 GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and list(p.glob("*.yaml")))
@@ -58,7 +58,7 @@ def test_config_folder_has_the_documented_groups():
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_option_composes_and_builds(group, option):
-    overrides = [f"{group}={option}"]
+    overrides = estimator_overrides(option) if group == "estimator" else [f"{group}={option}"]
     if group == "estimator" and "categorical" not in ESTIMATORS[option].config.latents:
         overrides.append("model=bernoulli")
     build_and_step(overrides)

@@ -25,8 +25,9 @@ from gvae.errors import ConfigError
 from gvae.estimators import ESTIMATORS, Estimator, EstimatorConfig, ScoreFunctionBase, build_estimator
 from gvae.jobs import train
 from gvae.latents import Bernoulli, Categorical, Latent
+from gvae.objective import repeat_rows
 from gvae.tasks.vae import VAE
-from tests.conftest import TINY, compose_config
+from tests.conftest import TINY, compose_config, estimator_overrides
 from tests.graph_standin import NoHostReads
 
 LATENTS: dict[str, Callable[[], Latent]] = {
@@ -35,6 +36,7 @@ LATENTS: dict[str, Callable[[], Latent]] = {
 }
 HARD_FORWARD = [
     "st_gumbel_softmax", "straight_through", "slope_annealed_st", "score_function", "darn", "muprop",
+    "reinmax_rao",
 ]
 DRAWS = 100_000  # per expectation check
 Z_MAX = 5.0  # allowed |estimate - exact| in standard errors: ~40 coordinates, P(false alarm) < 1e-4
@@ -103,11 +105,50 @@ class Problem:
             return self.f(z, w)
 
         surrogate, value = estimator(logits, torch.tensor(tau), f)
-        self.decoder_calls = len(seen)
+        self.decoder_calls = sum(len(z) for z in seen) / draws  # decoder passes of the batch
         assert value.shape == (draws,) and not value.requires_grad
         torch.testing.assert_close(value, self.f(seen[0], w).detach())  # value is f at the sample
         g_logits, g_w = torch.autograd.grad(surrogate.mean(), [logits, w])
         return g_logits * draws, g_w * draws, seen[0]
+
+
+    def log_weight(self, z: torch.Tensor, w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """log p(z) - f(z; W) - log q(z) per example: -f stands for log p(x | z), the prior is uniform."""
+        prior = torch.zeros(self.latent.shape)
+        return self.latent.log_prob(z, prior) - self.f(z, w) - self.latent.log_prob(z, logits)
+
+    def exact_bound(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """d/d(logits, W) of the K-sample bound's negative, -E[log (1/K) sum_k w(z_k)], z_k ~ q iid:
+        a sum over every K-tuple of codes."""
+        logits = self.logits.clone().requires_grad_()
+        w = self.w.clone().requires_grad_()
+        codes = self.codes()
+        n = len(codes)
+        log_q = self.latent.log_prob(codes, logits.expand(n, *self.latent.shape))
+        log_w = self.log_weight(codes, w.expand(n, *w.shape), logits.expand(n, *self.latent.shape))
+        tuples = torch.tensor(list(itertools.product(range(n), repeat=k)))  # (n^K, K)
+        weight = log_q[tuples].sum(-1).exp()
+        bound = math.log(k) - torch.logsumexp(log_w[tuples], dim=-1)
+        return torch.autograd.grad((weight * bound).sum(), [logits, w])
+
+    def estimate_bound(self, estimator: Estimator, draws: int, k: int,
+                       tau: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-draw gradients (logits, W) of the K-sample objective through multi_sample, each draw
+        its own example with K samples, and the bound's value at the samples."""
+        logits = self.logits.expand(draws, *self.latent.shape).clone().requires_grad_()
+        w = self.w.expand(draws, *self.w.shape).clone().requires_grad_()
+        rows, w_rows = repeat_rows(logits, k, 0), repeat_rows(w, k, 0)
+        self.seen = []
+
+        def neg_log_weight(z: torch.Tensor) -> torch.Tensor:
+            self.seen.append(z.detach())
+            return -self.log_weight(z, w_rows, rows)
+
+        surrogate, bound = estimator.multi_sample(rows, torch.tensor(tau), neg_log_weight, k)
+        self.decoder_calls = sum(len(z) for z in self.seen) / draws
+        assert bound.shape == (draws,) and not bound.requires_grad
+        g_logits, g_w = torch.autograd.grad(surrogate.mean(), [logits, w])
+        return g_logits * draws, g_w * draws, bound
 
 
 def assert_unbiased(per_draw: torch.Tensor, exact: torch.Tensor) -> None:
@@ -312,6 +353,98 @@ def test_rebar_and_disarm_are_unbiased(name, latent):
     assert_unbiased(g_w, exact_w)
 
 
+LEARNED = [("rebar", {"learn": True, "eta": 0.6, "temperature": 0.3}), ("relax", {})]
+
+
+def perturb_control_variate(estimator: Estimator, seed: int) -> None:
+    """Move a learned control variate's parameters off their starting values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in estimator.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize(("name", "options"), LEARNED, ids=[n for n, _ in LEARNED])
+@pytest.mark.parametrize("latent", LATENTS)
+def test_learned_control_variates_are_unbiased(name, options, latent):
+    """Unbiased whatever the control variate's parameters: at moved values of eta, lambda and r_rho."""
+    torch.manual_seed(11)
+    problem = Problem(LATENTS[latent]())
+    exact_logits, exact_w = problem.exact()
+    estimator = make(name, problem.latent, **options)
+    perturb_control_variate(estimator, 11)
+    g_logits, g_w, _ = problem.estimate(estimator, DRAWS)
+    assert_unbiased(g_logits, exact_logits)
+    assert_unbiased(g_w, exact_w)
+
+
+def logit_gradient_variance(problem: Problem, estimator: Estimator, draws: int, seed: int) -> torch.Tensor:
+    """The variance objective by its definition, recomputed from scratch: the mean square of the
+    gradient of the batch's mean loss in each logit, for the draws of `seed`."""
+    torch.manual_seed(seed)
+    logits = problem.logits.expand(draws, *problem.latent.shape).clone().requires_grad_()
+    w = problem.w.expand(draws, *problem.w.shape)
+    surrogate, _ = estimator(logits, torch.tensor(1.0), lambda z: problem.f(z, w))
+    (grad,) = torch.autograd.grad(surrogate.mean(), logits)
+    return grad.square().mean()
+
+
+@pytest.mark.parametrize(("name", "options"), LEARNED, ids=[n for n, _ in LEARNED])
+@pytest.mark.parametrize("latent", LATENTS)
+def test_the_control_variate_gets_the_gradient_of_the_estimators_variance(name, options, latent):
+    """What the control variate's parameters receive from the loss's backward pass is the derivative
+    of the variance objective, checked by central differences in eta and in log lambda (the same draws)."""
+    problem = Problem(LATENTS[latent]())
+    estimator = make(name, problem.latent, **options)
+    perturb_control_variate(estimator, 12)
+    torch.manual_seed(13)
+    logits = problem.logits.expand(64, *problem.latent.shape).clone().requires_grad_()
+    w = problem.w.expand(64, *problem.w.shape)
+    surrogate, _ = estimator(logits, torch.tensor(1.0), lambda z: problem.f(z, w))
+    surrogate.mean().backward()
+    scale = logit_gradient_variance(problem, estimator, 64, 13)  # the objective's own size
+    for param in (estimator.eta, estimator.log_temperature):
+        eps, base = 1e-3, param.detach().clone()
+        with torch.no_grad():
+            param.copy_(base + eps)
+        up = logit_gradient_variance(problem, estimator, 64, 13)
+        with torch.no_grad():
+            param.copy_(base - eps)
+        down = logit_gradient_variance(problem, estimator, 64, 13)
+        with torch.no_grad():
+            param.copy_(base)
+        numeric = (up - down) / (2 * eps)
+        torch.testing.assert_close(param.grad, numeric, rtol=2e-2, atol=1e-4 * scale.item())
+    assert estimator.eta.grad.abs() > 1e-2 * scale  # a derivative worth checking
+
+
+@pytest.mark.parametrize(("name", "options"), [("rebar", {"learn": True, "eta": 0.0}),
+                                               ("relax", {"eta": 0.0})], ids=["rebar", "relax"])
+def test_learning_the_control_variate_lowers_the_gradients_variance(name, options):
+    """From eta = 0 (no control variate: REINFORCE), 300 Adam steps on the variance objective alone
+    lower the per-draw variance of the logit gradient, measured on fresh draws, by at least a third."""
+    torch.manual_seed(14)
+    problem = Problem(LATENTS["categorical"]())
+    estimator = make(name, problem.latent, **options)
+
+    def per_draw_variance() -> torch.Tensor:
+        g_logits, _, _ = problem.estimate(estimator, 20_000)
+        return g_logits.var(0).sum()
+
+    before = per_draw_variance()
+    optimizer = torch.optim.Adam(estimator.parameters(), lr=1e-2)
+    w = problem.w.expand(256, *problem.w.shape)
+    for _ in range(300):
+        logits = problem.logits.expand(256, *problem.latent.shape).clone().requires_grad_()
+        surrogate, _ = estimator(logits, torch.tensor(1.0), lambda z: problem.f(z, w))
+        optimizer.zero_grad()
+        surrogate.mean().backward()
+        optimizer.step()
+    after = per_draw_variance()
+    assert after < 0.67 * before, (before, after)
+    assert estimator.eta.item() > 0.1
+
+
 @pytest.mark.parametrize("k", [2, 4])
 @pytest.mark.parametrize("latent", supported("rloo"))
 def test_rloo_is_unbiased(latent, k):
@@ -375,9 +508,13 @@ def test_the_stated_cost_is_the_number_of_decoder_evaluations(name, latent, opti
     """`gvae-train --help` states each estimator's decoder evaluations per step: the fair-cost measure."""
     problem = Problem(LATENTS[latent]())
     estimator = make(name, problem.latent, **options)
-    problem.estimate(estimator, 16)
     cost = estimator.cfg.decoder_evaluations
-    assert problem.decoder_calls == (int(cost) if cost.isdigit() else getattr(estimator.cfg, cost))
+    if cost == "task.samples":  # K passes of the objective's samples
+        problem.estimate_bound(estimator, 16, k=3)
+        assert problem.decoder_calls == 3
+    else:
+        problem.estimate(estimator, 16)
+        assert problem.decoder_calls == (int(cost) if cost.isdigit() else getattr(estimator.cfg, cost))
 
 
 @pytest.mark.parametrize("latent", supported("gumbel_rao"))
@@ -473,6 +610,75 @@ def test_reinmax_and_gapped_st_match_their_formulas_expectation_computed_exactly
     assert not torch.allclose(exact_logits, problem.exact()[0], atol=1e-2)  # and both are biased
 
 
+def reinmax_rao_by_jacobians(latent: Latent, logits: torch.Tensor, perturbed: torch.Tensor, g: torch.Tensor,
+                             tau: float) -> torch.Tensor:
+    """The stated formula with every Jacobian built as a matrix: 2 J_GR g - J(pi) g / 2, J_GR the
+    mean over the draws' axis 0 of `perturbed` (theta_D + G_k) of J(softmax(. / tau)) / tau."""
+    soft, pi = latent.relax(perturbed, tau), latent.probs(logits)
+    if isinstance(latent, Categorical):
+        j_gr, j_pi = softmax_jacobian(soft).mean(0) / tau, softmax_jacobian(pi)
+        return (2 * (j_gr @ g.unsqueeze(-1)) - 0.5 * (j_pi @ g.unsqueeze(-1))).squeeze(-1)
+    j_gr, j_pi = (soft * (1 - soft)).mean(0) / tau, pi * (1 - pi)  # a binary unit's 1x1 Jacobians
+    return 2 * j_gr * g - 0.5 * j_pi * g
+
+
+@pytest.mark.parametrize("latent", LATENTS)
+def test_reinmax_rao_backward_is_its_stated_formula_with_the_same_draws(latent):
+    """ReinMax-Rao's gradient, built from vector-Jacobian products, equals the formula computed with
+    the Jacobian matrices, for the same sample D and the same conditional draws G_k."""
+    lat, k, tau = LATENTS[latent](), 7, 0.8
+    logits = torch.randn(32, *lat.shape, generator=torch.Generator().manual_seed(8)) * 1.5
+    weights = torch.randn(32, *lat.shape)  # f(z) = sum(weights * z): its gradient at D is `weights`
+    est = make("reinmax_rao", lat, k=k, tau=tau)
+    batch = logits.clone().requires_grad_()
+    torch.manual_seed(9)
+    z = est.sample(batch, torch.tensor(1.0))
+    (grad,) = torch.autograd.grad((weights * z).sum(), batch)
+    torch.manual_seed(9)  # the same draws, in the estimator's order: D, then the K conditional draws
+    d = lat.sample(logits)
+    assert torch.equal(z.detach(), d)
+    midpoint = lat.logits_of((d + lat.probs(logits)) / 2)
+    perturbed = lat.conditional_perturbed(midpoint.unsqueeze(0), d.expand(k, *d.shape))
+    assert (lat.harden(perturbed) == d).all()  # every draw is conditioned on D
+    expected = reinmax_rao_by_jacobians(lat, logits, perturbed, weights, tau)
+    torch.testing.assert_close(grad, expected)
+    # ... and not plain ReinMax's (its midpoint Jacobian) for the same sample.
+    torch.manual_seed(9)
+    plain_logits = logits.clone().requires_grad_()
+    plain_z = make("reinmax", lat, tau=tau).sample(plain_logits, torch.tensor(1.0))
+    assert torch.equal(plain_z.detach(), d)
+    (plain,) = torch.autograd.grad((weights * plain_z).sum(), plain_logits)
+    assert not torch.allclose(grad, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("latent", LATENTS)
+def test_reinmax_rao_matches_its_formulas_expectation(latent):
+    """Over draws of D ~ q and of the K conditional Gumbel draws, the mean gradient is
+    sum_D q(D) [2 E[J_GR | D] g(D) - J(pi) g(D) / 2]: D summed exactly over the codes, E[J_GR | D]
+    by 4,000 conditional draws per code (its own standard error enters the test)."""
+    torch.manual_seed(10)
+    problem = Problem(LATENTS[latent]())
+    lat, tau, draws = problem.latent, 0.7, 4000
+    codes, q, g_z, g_w = per_code_gradients(problem)
+    logits = problem.logits
+    per_code = []
+    for d, g in zip(codes, g_z, strict=True):
+        midpoint = lat.logits_of((d + lat.probs(logits)) / 2)
+        perturbed = lat.conditional_perturbed(midpoint.unsqueeze(0), d.expand(draws, *d.shape))
+        one = torch.stack([reinmax_rao_by_jacobians(lat, logits, p.unsqueeze(0), g, tau) for p in perturbed])
+        per_code.append(one)
+    per_code = torch.stack(per_code)  # (codes, draws, *shape)
+    weight = q.view(-1, *[1] * (per_code.dim() - 2))
+    reference = (weight * per_code.mean(1)).sum(0)
+    reference_var = (weight ** 2 * per_code.var(1) / draws).sum(0)
+    g_logits, g_w_est, _ = problem.estimate(make("reinmax_rao", lat, k=4, tau=tau), DRAWS)
+    se = (g_logits.var(0) / len(g_logits) + reference_var).sqrt()
+    z = (g_logits.mean(0) - reference).abs() / (se + 1e-12)
+    assert (z < Z_MAX).all(), f"max |z| = {z.max():.1f}"
+    assert_unbiased(g_w_est, (q.view(-1, 1, 1) * g_w).sum(0))
+    assert not torch.allclose(reference, problem.exact()[0], atol=1e-2)  # biased, like ReinMax
+
+
 @pytest.mark.parametrize("latent", LATENTS)
 def test_decoupled_st_gs_samples_at_the_forward_temperature_and_backpropagates_at_the_backward_one(latent):
     lat = LATENTS[latent]()
@@ -495,6 +701,93 @@ def test_decoupled_st_gs_samples_at_the_forward_temperature_and_backpropagates_a
     reference = batch.detach().clone().requires_grad_()
     (expected_grad,) = torch.autograd.grad((weights * lat.relax(reference / 0.7 + g, 1.0)).sum(), reference)
     torch.testing.assert_close(grad, expected_grad)
+
+
+# -----------------------------------------------------------------------------
+# the K-sample bound (task.objective=iwae): VIMCO, and the reparameterised estimators inside it
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("latent", LATENTS)
+def test_vimco_is_unbiased_for_the_k_sample_bound(latent, k):
+    torch.manual_seed(12)
+    problem = Problem(LATENTS[latent]())
+    exact_logits, exact_w = problem.exact_bound(k)
+    g_logits, g_w, _ = problem.estimate_bound(make("vimco", problem.latent), DRAWS, k)
+    assert_unbiased(g_logits, exact_logits)
+    assert_unbiased(g_w, exact_w)
+
+
+def test_the_bound_check_detects_a_gradient_of_the_wrong_objective():
+    # VIMCO's draws against the single-sample objective's exact gradient: they differ.
+    torch.manual_seed(12)
+    problem = Problem(LATENTS["categorical"]())
+    exact_logits, _ = problem.exact_bound(1)
+    g_logits, _, _ = problem.estimate_bound(make("vimco", problem.latent), DRAWS, 3)
+    with pytest.raises(AssertionError):
+        assert_unbiased(g_logits, exact_logits)
+
+
+def test_vimco_backward_is_the_leave_one_out_formula():
+    """For one batch of draws: sample k's signal is L - L_-k, L_-k the log-mean of the weights with
+    the k-th replaced by the geometric mean of the others; plus the gradient of L itself."""
+    problem, k = Problem(LATENTS["categorical"]()), 3
+    torch.manual_seed(13)
+    g_logits, _, bound = problem.estimate_bound(make("vimco", problem.latent), 8, k)
+    codes = problem.seen[0].view(8, k, *problem.latent.shape)
+    logits = problem.logits.expand(8, *problem.latent.shape).clone().requires_grad_()
+    w = problem.w.expand(8, *problem.w.shape)
+    expected = torch.zeros_like(logits)
+    for b in range(8):
+        log_w = torch.stack([problem.log_weight(codes[b, j:j + 1], w[b:b + 1], logits[b:b + 1])[0]
+                             for j in range(k)])
+        big_l = torch.logsumexp(log_w, 0) - math.log(k)
+        assert torch.isclose(-big_l, bound[b])
+        signal = []
+        for j in range(k):
+            others = torch.cat([log_w[:j], log_w[j + 1:]]).detach()
+            swapped = torch.cat([others, others.mean().view(1)])
+            signal.append(big_l.detach() - (torch.logsumexp(swapped, 0) - math.log(k)))
+        log_q = torch.stack([problem.latent.log_prob(codes[b, j:j + 1], logits[b:b + 1])[0]
+                             for j in range(k)])
+        (g,) = torch.autograd.grad(-(torch.stack(signal) * log_q).sum() - big_l, logits)
+        expected += g
+    torch.testing.assert_close(g_logits, expected)
+
+
+@pytest.mark.parametrize("latent", LATENTS)
+def test_a_hard_forward_estimator_gives_the_k_sample_bound_and_its_unbiased_decoder_gradient(latent):
+    """Straight-through's codes are exact samples, so inside the K-sample objective its value is the
+    bound at those codes, and the decoder's gradient (pathwise at fixed codes) is unbiased for the
+    bound's: E over draws equals the exact gradient in W by enumeration of K-tuples."""
+    torch.manual_seed(14)
+    problem, k = Problem(LATENTS[latent]()), 2
+    _, exact_w = problem.exact_bound(k)
+    _, g_w, bound = problem.estimate_bound(make("straight_through", problem.latent), DRAWS, k)
+    assert_unbiased(g_w, exact_w)
+    codes = problem.seen[0]
+    assert ((codes == 0) | (codes == 1)).all()
+    w = repeat_rows(problem.w.expand(DRAWS, *problem.w.shape), k, 0)
+    logits = repeat_rows(problem.logits.expand(DRAWS, *problem.latent.shape), k, 0)
+    log_w = problem.log_weight(codes, w, logits).view(DRAWS, k)
+    torch.testing.assert_close(bound, math.log(k) - torch.logsumexp(log_w, -1))
+
+
+def test_the_k_sample_objective_with_relaxed_samples_differentiates_the_bound_at_them():
+    """Gumbel-Softmax inside the bound: the gradient is that of -log (1/K) sum_k w(y_k) at the
+    relaxed codes y_k (drawn again with the same noise), the log-weight's terms linear in the code."""
+    problem, k, tau = Problem(LATENTS["categorical"]()), 3, 0.6
+    torch.manual_seed(15)
+    g_logits, g_w, _ = problem.estimate_bound(make("gumbel_softmax", problem.latent), 5, k, tau=tau)
+    logits = problem.logits.expand(5, *problem.latent.shape).clone().requires_grad_()
+    w = problem.w.expand(5, *problem.w.shape).clone().requires_grad_()
+    rows = repeat_rows(logits, k, 0)
+    torch.manual_seed(15)
+    y = problem.latent.relax(rows + problem.latent.noise(rows), tau)
+    log_w = problem.log_weight(y, repeat_rows(w, k, 0), rows).view(5, k)
+    expected = torch.autograd.grad((math.log(k) - torch.logsumexp(log_w, -1)).sum(), [logits, w])
+    torch.testing.assert_close(g_logits, expected[0])
+    torch.testing.assert_close(g_w, expected[1])
 
 
 # -----------------------------------------------------------------------------
@@ -521,7 +814,7 @@ def test_normalization_scales_the_kl_gradient_of_the_encoder_too(name, latent):
     # Mnih & Gregor normalize a learning signal that includes the KL terms: the encoder's whole
     # gradient is scaled. Here: f = 0 leaves only the analytic KL, whose gradient must come out
     # multiplied by the scale (per variable for DARN), and the decoder's gradient untouched.
-    cfg = compose_config([*MODELS[latent], "model.hidden=[16]", f"estimator={name}"])
+    cfg = compose_config([*MODELS[latent], "model.hidden=[16]", *estimator_overrides(name)])
     model = VAE(cfg.model, cfg.data.image_shape)
     estimator = build_estimator(cfg.estimator, model.latent)
     scale = fixed_normalization(estimator, baseline=0.0, var=16.0)
@@ -549,8 +842,8 @@ def test_each_estimator_has_a_typed_config_with_its_name_and_checks_its_ranges()
 @pytest.mark.parametrize(("name", "latent"), COMBINATIONS)
 def test_estimator_trains_the_vae_without_host_reads(name, latent):
     torch.manual_seed(7)
-    cfg = validate(compose_config([*MODELS[latent], "model.hidden=[16]", f"estimator={name}"]))
-    model = VAE(cfg.model, cfg.data.image_shape)
+    cfg = validate(compose_config([*MODELS[latent], "model.hidden=[16]", *estimator_overrides(name)]))
+    model = VAE(cfg.model, cfg.data.image_shape, cfg.task)
     estimator = build_estimator(cfg.estimator, model.latent)
     x = (torch.rand(8, cfg.data.num_pixels) < 0.3).float()
     with NoHostReads():
@@ -568,7 +861,7 @@ def test_estimator_trains_the_vae_without_host_reads(name, latent):
 @pytest.mark.parametrize(("name", "latent"), COMBINATIONS)
 def test_estimator_runs_in_the_trainer(name, latent, mnist_root, tmp_path: Path):
     # Images on: the traversal grid must work for binary codes too.
-    cfg = compose_config([*TINY, *MODELS[latent], "model.hidden=[32]", f"estimator={name}",
+    cfg = compose_config([*TINY, *MODELS[latent], "model.hidden=[32]", *estimator_overrides(name),
                           "train.max_steps=20", "train.eval_every=10", "eval.images=true"])
     metrics = train(cfg, tmp_path)
     assert metrics["status"] == "complete" and metrics["step"] == 20
@@ -579,22 +872,29 @@ def test_estimator_runs_in_the_trainer(name, latent, mnist_root, tmp_path: Path)
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 @pytest.mark.parametrize(("name", "latent"), COMBINATIONS)
 def test_estimator_runs_in_a_captured_cuda_step(name, latent, mnist_root):
-    cfg = compose_config([*TINY, *MODELS[latent], f"estimator={name}", "device=cuda", "train.compile=graph"])
+    cfg = compose_config([*TINY, *MODELS[latent], *estimator_overrides(name), "device=cuda",
+                          "train.compile=graph"])
     engine = build_engine([validate(cfg)], [None])
     stats = torch.stack([engine.train_step().values for _ in range(5)])
     assert stats.isfinite().all()
 
 
+COMPILED = [("score_function", []), ("darn", []), ("muprop", []), ("rebar", ["estimator.learn=true"]),
+            ("relax", []), ("vimco", ["task.objective=iwae"]), ("gumbel_softmax", ["task.objective=iwae"]),
+            ("reinmax_rao", [])]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["score_function", "darn", "muprop"])
-def test_compiled_score_function_step_matches_eager_step(name, mnist_root):
-    # These estimators differentiate inside the step (autograd.grad) and rescale the encoder's
-    # gradient with a hook: torch.compile must neither drop the hook nor reuse a compiled graph's
-    # saved tensors (DARN once got wrong decoder gradients that way).
+@pytest.mark.parametrize(("name", "options"), COMPILED, ids=[" ".join([n, *o]) for n, o in COMPILED])
+def test_compiled_step_matches_eager_step_where_the_estimator_differentiates(name, options, mnist_root):
+    # These estimators differentiate inside the step (autograd.grad, twice for a learned control
+    # variate, which then runs eagerly), rescale the encoder's gradient with a hook, or take K samples
+    # per example: torch.compile must neither drop the hook nor reuse a compiled graph's saved tensors
+    # (DARN once got wrong decoder gradients that way).
     def step_twice(mode: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
         torch._dynamo.reset()
-        cfg = compose_config([*TINY, "model.hidden=[32]", f"estimator={name}", f"train.compile={mode}",
-                              "seed=3", "optim=sgd", "optim.lr=0.01"])
+        cfg = compose_config([*TINY, "model.hidden=[32]", f"estimator={name}", *options,
+                              f"train.compile={mode}", "seed=3", "optim=sgd", "optim.lr=0.01"])
         engine = build_engine([validate(cfg)], [None])
         stats = torch.stack([engine.train_step().values for _ in range(2)])
         return stats, [p.grad.clone() for p in engine.runs[0].model.parameters()]

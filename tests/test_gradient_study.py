@@ -23,14 +23,17 @@ spec.loader.exec_module(gradient_study)
 @pytest.mark.slow
 def test_a_study_covers_every_estimator_of_the_latent_and_is_repeatable(tiny_sweep, tmp_path):
     args = [str(tiny_sweep / "0"), "--draws", "20", "--batch", "4", "--taus", "0.5", "1.0",
-            "--reference-draws", "8"]
+            "--reference-draws", "8", "--adapt", "3"]
     assert gradient_study.main([*args, "--out", str(tmp_path / "a")]) == 0
     assert gradient_study.main([*args, "--out", str(tmp_path / "b")]) == 0
     record = json.loads((tmp_path / "a" / "study.json").read_text())
-    expected = {n for n, cls in ESTIMATORS.items() if "categorical" in cls.config.latents}
+    categorical = {n for n, cls in ESTIMATORS.items() if "categorical" in cls.config.latents}
+    expected = {n for n in categorical if "elbo" in ESTIMATORS[n].objectives} | {"rebar_learned"}
     assert set(record["estimators"]) == expected
+    assert set(record["left_out"]) == categorical - expected == {"vimco"}
     assert record["reference"] == "local expectation"  # 10^20 codes: not enumerable
-    assert set(record["temperature_sweep"]) == {n for n in expected if ESTIMATORS[n].config.uses_temperature}
+    assert set(record["temperature_sweep"]) == {n for n in expected if n in ESTIMATORS
+                                                and ESTIMATORS[n].config.uses_temperature}
     table = (tmp_path / "a" / "study.md").read_text()
     assert all(f"| {name} |" in table for name in expected)
     assert (tmp_path / "a" / "study.json").read_text() == (tmp_path / "b" / "study.json").read_text()

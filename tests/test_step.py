@@ -13,7 +13,7 @@ from gvae.engine import build_engine
 from gvae.errors import ConfigError
 from gvae.estimators import ESTIMATORS
 from gvae.step import resolve_mode
-from tests.conftest import SYNTHETIC, TINY, compose_config
+from tests.conftest import SYNTHETIC, TINY, compose_config, estimator_overrides
 from tests.graph_standin import StandInGraphs
 
 
@@ -93,8 +93,13 @@ def test_graph_modes_need_cuda():
 
 LATENT_OPTIONS = {"categorical": ["model.num_vars=3", "model.num_classes=4"],
                   "bernoulli": ["model=bernoulli", "model.num_vars=6"]}
-COMBINATIONS = [(name, latent) for name in sorted(ESTIMATORS) for latent in LATENT_OPTIONS
+COMBINATIONS = [(name, latent, []) for name in sorted(ESTIMATORS) for latent in LATENT_OPTIONS
                 if latent in ESTIMATORS[name].config.latents]
+# Options that change what the step computes: a learned control variate, the K-sample objective.
+COMBINATIONS += [("rebar", "categorical", ["estimator.learn=true"]),
+                 ("rebar", "bernoulli", ["estimator.learn=true"]),
+                 ("gumbel_softmax", "categorical", ["task.objective=iwae", "task.samples=3"]),
+                 ("st_gumbel_softmax", "bernoulli", ["task.objective=iwae", "task.samples=3"])]
 # Two runs that differ in what a pack allows: seed, learning rate and temperature schedule.
 PACK = [["seed=0", "optim.lr=1e-3"], ["seed=1", "optim.lr=2e-3", "schedule.tau0=0.7"]]
 
@@ -116,13 +121,14 @@ def _steps(overrides: list[list[str]], graphs, steps: int = 4) -> tuple[torch.Te
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
-@pytest.mark.parametrize(("name", "latent"), COMBINATIONS)
-def test_the_captured_step_trains_like_the_eager_step(name, latent, packed):
+@pytest.mark.parametrize(("name", "latent", "options"), COMBINATIONS)
+def test_the_captured_step_trains_like_the_eager_step(name, latent, options, packed):
     """Capture's warm-up steps leave no trace, a replay reads the images copied in and the engine's
     temperature (a scalar alone, (S, 1, ..., 1) packed: the shape a captured pack once got wrong),
     and draws no host synchronisation. The only difference from eager steps is the capturable
     optimizer's arithmetic (its step count on the device), so the figures agree to rounding."""
-    runs = [[f"estimator={name}", *LATENT_OPTIONS[latent], *o] for o in (PACK if packed else PACK[:1])]
+    runs = [[*estimator_overrides(name), *LATENT_OPTIONS[latent], *options, *o]
+            for o in (PACK if packed else PACK[:1])]
     assert_captured_trains_like_eager(runs, rtol=1e-4, stats_atol=1e-4, params_atol=1e-5)
 
 
@@ -151,6 +157,6 @@ def test_the_captured_step_trains_like_the_eager_step_under_bf16_autocast(name, 
     has stays untested here, for a reason: TF32 matmuls (set on CUDA only), the graph's private memory
     pool and CUDA's random state (the stand-in saves and restores the CPU's, through the same calls);
     tests/test_step.py's CUDA tests and the estimator tests' captured CUDA step cover them on a GPU."""
-    runs = [[f"estimator={name}", *LATENT_OPTIONS[latent], "train.precision=bf16", *o]
+    runs = [[*estimator_overrides(name), *LATENT_OPTIONS[latent], "train.precision=bf16", *o]
             for o in (PACK if packed else PACK[:1])]
     assert_captured_trains_like_eager(runs, rtol=1e-3, stats_atol=1e-3, params_atol=1e-4)

@@ -389,3 +389,19 @@ def test_gvae_train_trains_a_convolutional_model_on_mnist_from_the_command_line(
                     f"hydra.run.dir={run_dir}"], tmp_path, mnist_root)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "complete" and math.isfinite(metrics["test_bound"])
+
+
+@pytest.mark.parametrize("estimator", ["gumbel_softmax", "vimco"])
+def test_a_run_trained_on_the_k_sample_bound_logs_it_and_reports_the_same_test_figures(estimator, tmp_path):
+    """task.objective=iwae: the training figures add train/bound beside train/loss (the negative ELBO at
+    the same samples), and metrics.json's test figures are the same ones an elbo run reports."""
+    cfg = compose_config([*SYNTHETIC, f"estimator={estimator}", "task.objective=iwae", "task.samples=3"])
+    metrics = train(cfg, tmp_path)
+    assert metrics["status"] == "complete"
+    check_metrics(tmp_path, 40)
+    events = read_events(tmp_path)
+    tags = set(events.Tags()["scalars"])
+    assert {"train/bound", "train/loss", "train/recon", "train/kl", "test/bound"} <= tags
+    bound = [e.value for e in events.Scalars("train/bound")]
+    loss = [e.value for e in events.Scalars("train/loss")]
+    assert len(bound) == len(loss) == 4 and bound != loss and all(map(math.isfinite, bound))

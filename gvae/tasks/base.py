@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import ClassVar
 
 import torch
@@ -13,19 +14,31 @@ from omegaconf import MISSING
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
+from gvae.errors import require
 from gvae.latents import Latent
 from gvae.model import ModelConfig
 from gvae.objective import TrainStats
 
 
+class Objective(str, Enum):
+    """What training minimises (every task has both; its test figures do not depend on it)."""
+
+    elbo = "elbo"  # the single-sample bound: the VAE's negative ELBO, the SBN's -log p(x_lower | h)
+    iwae = "iwae"  # the K-sample importance-weighted bound (Burda, Grosse & Salakhutdinov 2016)
+
+
 @dataclass
 class TaskConfig:
-    """Base schema of the `task` group: the task's name; subclasses add its options."""
+    """Base schema of the `task` group: the task's name and training objective; subclasses add
+    their options."""
 
     name: str = MISSING
+    objective: Objective = Objective.elbo
+    samples: int = 5  # K of objective=iwae: -log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q
 
     def check(self, key: str, model: ModelConfig, image_shape: list[int]) -> None:
         """Range checks of the task's options, and of the model and data it can work with."""
+        require(self.samples >= 1, f"{key}.samples", self.samples, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -60,11 +73,26 @@ class Task(nn.Module):
 
     config: ClassVar[type[TaskConfig]]
     FIGURES: ClassVar[tuple[Figure, ...]]
-    train_tags: ClassVar[dict[str, str]]  # training figure -> TensorBoard tag
+    TRAIN_TAGS: ClassVar[dict[str, str]]  # training figure -> TensorBoard tag, with either objective
     picture_files: ClassVar[dict[str, str]]  # gvae-sample: picture -> file name
     exact_microscope: ClassVar[bool]  # whether expected_loss is exact (else an unbiased sample)
     latents: list[Latent]
     image_shape: tuple[int, ...]
+
+    objective: Objective = Objective.elbo
+    samples: int = 1
+
+    def set_objective(self, task: TaskConfig | None) -> None:
+        """Take the training objective from the task's config (none: the single-sample one)."""
+        if task is not None:
+            self.objective, self.samples = Objective(task.objective), task.samples
+
+    @property
+    def train_tags(self) -> dict[str, str]:
+        """Training figure -> TensorBoard tag: TRAIN_TAGS, and with objective=iwae the K-sample bound."""
+        if self.objective is Objective.iwae:
+            return {**self.TRAIN_TAGS, "bound": "train/bound"}
+        return self.TRAIN_TAGS
 
     @staticmethod
     def label(model: ModelConfig, task: TaskConfig) -> str:

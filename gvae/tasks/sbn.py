@@ -30,9 +30,9 @@ from gvae.errors import require
 from gvae.estimators import build_estimator
 from gvae.model import ModelConfig, Prior, make_latent
 from gvae.nets import ACTIVATIONS, Activation, Net, mlp
-from gvae.objective import TrainStats, recon_nll
+from gvae.objective import TrainStats, k_sample_bound, recon_nll, repeat_rows
 from gvae.pictures import bernoulli_pictures, grid
-from gvae.tasks.base import Figure, Task, TaskConfig, register_task
+from gvae.tasks.base import Figure, Objective, Task, TaskConfig, register_task
 from gvae.tasks.vae import latent_label
 
 
@@ -45,6 +45,7 @@ class SBNConfig(TaskConfig):
     layers: int = 2  # stochastic layers, each of the model group's latent units
 
     def check(self, key: str, model: ModelConfig, image_shape: list[int]) -> None:
+        super().check(key, model, image_shape)
         require(self.layers >= 1, f"{key}.layers", self.layers, "must be >= 1")
         require(image_shape[1] % 2 == 0, "data.image_shape", list(image_shape),
                 "task=sbn predicts the lower half of each image from the upper half: the height must be even")
@@ -64,12 +65,13 @@ class SBN(Task):
                bound=True),
         Figure("relaxed_nelbo", "-log p(x_lower | h) with relaxed samples at the temperature", bound=False),
     )
-    train_tags = {"nelbo": "train/loss", "surrogate": "train/surrogate"}
+    TRAIN_TAGS = {"nelbo": "train/loss", "surrogate": "train/surrogate"}
     picture_files = {"completions": "completions.png"}
     exact_microscope = False  # the loss given the first layer's code samples the layers after it
 
     def __init__(self, cfg: ModelConfig, image_shape: tuple[int, ...] | list[int], task: SBNConfig):
         super().__init__()
+        self.set_objective(task)
         self.image_shape = tuple(image_shape)
         channels, height, width = self.image_shape
         self.half = (channels * (height // 2) * width, channels * (height - height // 2) * width)
@@ -131,12 +133,39 @@ class SBN(Task):
         return loss
 
     def training_loss(self, estimator, x, tau):
-        """-log p(x_lower | h) at one sample h ~ p(h | x_upper): the paper's objective with m = 1.
+        """-log p(x_lower | h) at one sample h ~ p(h | x_upper): the paper's objective with m = 1;
+        objective=iwae: -log (1/K) sum_k p(x_lower | h_k), the paper's objective with m = K.
         Packed runs each average over their own batch, and their losses add."""
         upper, lower = self.halves(x)
+        if self.objective is Objective.iwae:
+            return self.iwae_loss(estimator, upper, lower, tau)
         surrogate, value = self.loss_from(estimator, 0, upper, lower, tau)
         per_run, nll = surrogate.mean(-1), value.mean(-1)
         return per_run.sum(), TrainStats.of(surrogate=per_run, nelbo=nll)
+
+    def iwae_loss(self, estimator, upper, lower, tau):
+        """The K-sample figure: each example's halves repeated K times in the batch. Reparameterised
+        estimators: the paths' values, pathwise through every layer's relaxed (or straight-through)
+        codes, into the bound. VIMCO: its learning signal is the whole path's (every layer's log
+        probability with the same signal), so exact paths are drawn here and layer 0's estimator
+        turns their log-weights and log-probabilities into its surrogate."""
+        k = self.samples
+        batch_dim = upper.dim() - 2
+        upper, lower = repeat_rows(upper, k, batch_dim), repeat_rows(lower, k, batch_dim)
+        if estimator[0].whole_path:
+            below, log_q = upper, 0.0
+            for layer, latent in enumerate(self.latents):
+                logits = self.logits(layer, below)
+                below = latent.sample(logits.detach())
+                log_q = log_q + latent.log_prob(below, logits)
+            nll = recon_nll(self.output(below), lower)
+            surrogate, bound = estimator[0].joint_surrogate(nll, log_q, k)
+        else:
+            nll, _ = self.loss_from(estimator, 0, upper, lower, tau)  # a reparameterised path: the values
+            surrogate = bound = k_sample_bound(nll, k)
+        per_run = surrogate.mean(-1)
+        return per_run.sum(), TrainStats.of(surrogate=per_run, nelbo=nll.detach().mean(-1),
+                                            bound=bound.detach().mean(-1))
 
     def sample_path(self, upper: torch.Tensor, generator: torch.Generator | None,
                     num_samples: int | None = None, tau: float | None = None) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """`task=vae` (the default): the paper's VAE, an encoder to latent logits, one discrete latent, a
-decoder to Bernoulli pixel logits, trained on the single-sample ELBO with the analytic KL."""
+decoder to Bernoulli pixel logits, trained on the single-sample ELBO with the analytic KL, or on the
+K-sample importance-weighted bound (task.objective=iwae)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from torch.utils.tensorboard import SummaryWriter
 from gvae.estimators import build_estimator
 from gvae.model import LatentType, ModelConfig, Prior, make_latent
 from gvae.nets import build_nets
-from gvae.objective import TrainStats, recon_nll
+from gvae.objective import TrainStats, recon_nll, repeat_rows
 from gvae.pictures import bernoulli_pictures, grid
-from gvae.tasks.base import Figure, Task, TaskConfig, register_task
+from gvae.tasks.base import Figure, Objective, Task, TaskConfig, register_task
 
 
 @dataclass
@@ -45,7 +46,7 @@ class VAE(Task):
         Figure("relaxed_nelbo", "negative ELBO with relaxed samples at the temperature", bound=False),
     )
     # train/loss is the negative ELBO at the training sample (its name since the start).
-    train_tags = {"nelbo": "train/loss", "surrogate": "train/surrogate", "recon": "train/recon",
+    TRAIN_TAGS = {"nelbo": "train/loss", "surrogate": "train/surrogate", "recon": "train/recon",
                   "kl": "train/kl"}
     picture_files = {"prior": "prior.png", "reconstructions": "reconstructions.png",
                      "traversal": "traversal.png"}
@@ -59,6 +60,7 @@ class VAE(Task):
         self.encoder, self.decoder = build_nets(
             cfg.net, self.image_shape, list(cfg.hidden), list(cfg.channels), cfg.activation,
             self.latent.num_logits, self.latent.code_size)
+        self.set_objective(task)
         prior_logits = torch.zeros(self.latent.shape)
         if Prior(cfg.prior) is Prior.learned:
             self.prior_logits = nn.Parameter(prior_logits)
@@ -97,13 +99,40 @@ class VAE(Task):
         analytic, so only the reconstruction term goes through the estimator. With a relaxed
         sample the reconstruction term is evaluated at the relaxation and is not a bound. Packed
         runs (every tensor with a leading run dimension) each average over their own batch, and
-        their losses add: each run's parameters get its own gradient."""
+        their losses add: each run's parameters get its own gradient. objective=iwae: iwae_loss."""
         logits = self.encode(x)
+        if self.objective is Objective.iwae:
+            return self.iwae_loss(estimator, logits, x, tau)
         kl = self.latent.kl(logits, self.prior_logits)
         surrogate, recon = estimator(logits, tau, lambda z: recon_nll(self.decode(z), x))
         per_run = surrogate.mean(-1) + kl.mean(-1)
         recon, kl = recon.mean(-1), kl.detach().mean(-1)
         return per_run.sum(), TrainStats.of(surrogate=per_run, nelbo=recon + kl, recon=recon, kl=kl)
+
+    def iwae_loss(self, estimator, logits, x, tau):
+        """The K-sample bound -log (1/K) sum_k p(x, z_k) / q(z_k | x) (Burda et al. 2016), through the
+        estimator's multi_sample: K codes per example, each example's logits and image repeated K
+        times in the batch. The log-weight is a function of the code whose terms log p(z) and
+        log q(z | x) are linear in it (z . log pi; for a binary unit z l - softplus(l)), so a relaxed
+        code goes through the same expression as through the decoder (at a relaxed code it is not a
+        log-weight and the figure is not a bound); log q's gradient in the logits is taken directly
+        too. The training figures also give the negative ELBO at the same samples (recon: their mean
+        reconstruction term; kl: the analytic KL), comparable with an elbo run's."""
+        k, batch_dim = self.samples, logits.dim() - len(self.latent.shape) - 1
+        rows, images = repeat_rows(logits, k, batch_dim), repeat_rows(x, k, batch_dim)
+        recon = torch.zeros((), device=x.device)
+
+        def neg_log_weight(z: torch.Tensor) -> torch.Tensor:
+            nonlocal recon
+            nll = recon_nll(self.decode(z), images)
+            recon = nll.detach()
+            return nll - self.latent.log_prob(z, self.prior_logits) + self.latent.log_prob(z, rows)
+
+        surrogate, bound = estimator.multi_sample(rows, tau, neg_log_weight, k)
+        per_run = surrogate.mean(-1)
+        recon, kl = recon.mean(-1), self.latent.kl(logits, self.prior_logits).detach().mean(-1)
+        return per_run.sum(), TrainStats.of(surrogate=per_run, nelbo=recon + kl, recon=recon, kl=kl,
+                                            bound=bound.mean(-1))
 
     def nelbo(self, x, generator):
         logits = self.encode(x)
