@@ -56,6 +56,20 @@ class EstimatorConfig:
         require(isinstance(self, ESTIMATORS[self.name].config), f"{key}.name", self.name,
                 f"these options are {type(self).__name__}'s; choose another estimator with estimator=NAME")
 
+    def qualifiers(self) -> list[str]:
+        """What a table's estimator column adds to the name: options that change what it computes
+        beyond a number (REBAR's learned control variate)."""
+        return []
+
+    def decoder_passes(self, objective: str, samples: int) -> int:
+        """Decoder passes per step and stochastic layer under this objective (task.objective, with K =
+        task.samples): the cost the papers compare estimators at."""
+        cost = self.decoder_evaluations
+        if cost == "task.samples":
+            return samples
+        passes = int(cost) if cost.isdigit() else getattr(self, cost)
+        return passes * samples if objective == "iwae" else passes
+
     def check_objective(self, key: str, objective: str, samples: int) -> None:
         """ConfigError unless the estimator trains this objective (task.objective)."""
         allowed = ESTIMATORS[self.name].objectives
@@ -651,6 +665,9 @@ class REBARConfig(RelaxationControlOptions):
     # Learn eta and log lambda by gradient descent on the estimator's variance, as REBAR's paper does;
     # false: the fixed values above. Not per run: it changes what the step computes.
     learn: bool = False
+
+    def qualifiers(self) -> list[str]:
+        return ["learned"] if self.learn else []
 
 
 @register(REBARConfig)

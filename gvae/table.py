@@ -40,6 +40,7 @@ from omegaconf import OmegaConf
 from gvae.checkpoint import check_compatible, config_differences, load_checkpoint, run_defining
 from gvae.config import Config, config_from_dict, container, flatten, import_extensions
 from gvae.errors import GvaeError
+from gvae.estimators import ESTIMATORS
 from gvae.files import atomic_write, write_json
 from gvae.halving import HalvingConfig, value_at
 from gvae.halving import cells as halving_cells
@@ -87,6 +88,26 @@ class TableError(GvaeError):
 def row_label(cfg: Config) -> str:
     """The table's row for a run: its task's label ("categorical (20x10)", "SBN Bernoulli (200)")."""
     return TASKS[cfg.task.name].label(cfg.model, cfg.task)
+
+
+def estimator_label(cfg: Config) -> str:
+    """The table's estimator for a run: its name, and what changes its gradient beyond a number: a
+    learned control variate, the K-sample objective ("rebar (learned)", "vimco (iwae K=2)")."""
+    extra = cfg.estimator.qualifiers()
+    if cfg.task.objective.value != "elbo":
+        extra.append(f"{cfg.task.objective.value} K={cfg.task.samples}")
+    return cfg.estimator.name + (f" ({', '.join(extra)})" if extra else "")
+
+
+def decoder_passes(job: dict[str, Any]) -> int:
+    """A job's decoder passes per step (per stochastic layer), from its recorded estimator options and
+    objective (a record made before objectives existed trained the single-sample one)."""
+    flat = job["config"]
+    schema = ESTIMATORS[flat["estimator.name"]].config
+    names = {f.name for f in dataclasses.fields(schema)}
+    options = {k.removeprefix("estimator."): v for k, v in flat.items()
+               if k.startswith("estimator.") and k.removeprefix("estimator.") in names}
+    return schema(**options).decoder_passes(flat.get("task.objective", "elbo"), flat.get("task.samples", 1))
 
 
 def in_setting(override: str, cfg: Config) -> bool:
@@ -192,7 +213,7 @@ def job_record(folder: Path, sweep_name: str, sweep_dir: Path, halving: bool = F
     evaluation = read_json(folder / "eval.json") if status == "complete" else None
     return {
         "job": f"{sweep_name}/{folder.relative_to(sweep_dir).as_posix()}",
-        "latent": row_label(schema), "estimator": flat["estimator.name"], "seed": flat["seed"],
+        "latent": row_label(schema), "estimator": estimator_label(schema), "seed": flat["seed"],
         "setting": sorted(o for o in overrides if in_setting(o, schema)),
         "config": dict(sorted(keys_with(schema, flat, "in_record").items())),
         # Relative to the sweep, like "job": a committed record names no folder of this machine.
@@ -580,15 +601,19 @@ def markdown(record: dict[str, Any], cells: list[Cell], notes: str) -> str:
         "sampled KL); *not measured* where the record has no such figure. **val slope**: the slope of "
         "the chosen setting's mean validation curve over its last quarter, in nats per 10,000 steps (a "
         "negative slope: still falling); **flat from**: the first step from which that curve stays "
-        f"within {FLAT:g} nat of its final value. Paper: Jang et al. (2017), Table 1. Nats, lower is better.",
+        f"within {FLAT:g} nat of its final value; **passes**: the decoder's passes (a forward and a "
+        "backward each) per step and stochastic layer, the cost at which papers compare estimators "
+        "(`gvae-train --help`). Paper: Jang et al. (2017), Table 1. Nats, lower is better.",
         "",
-        f"| latent | estimator | paper | test -ELBO | test bound (m={m}) | literal (m={m}) | n | val -ELBO "
-        "| val slope | flat from | chosen on validation | failed settings |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| latent | estimator | passes | paper | test -ELBO | test bound (m={m}) | literal (m={m}) | n "
+        "| val -ELBO | val slope | flat from | chosen on validation | failed settings |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for cell in cells:
         paper = PAPER_TABLE.get((cell.latent, cell.estimator))
-        head = f"| {cell.latent} | {name(cell)} | {'—' if paper is None else f'{paper:.1f}'} |"
+        recorded = [j for jobs in cell.settings.values() for j in jobs if "config" in j]
+        passes = decoder_passes(recorded[0]) if recorded else "—"
+        head = f"| {cell.latent} | {name(cell)} | {passes} | {'—' if paper is None else f'{paper:.1f}'} |"
         failed = "; ".join(cell.failed_settings()) or "—"
         if cell.chosen is None:
             lines.append(f"{head} all runs failed | — | — | 0 | — | — | — | — | {failed} |")

@@ -91,7 +91,7 @@ def test_table_reports_both_test_figures_of_the_setting_chosen_on_validation(swe
         nelbo = [e["test_nelbo"] for e in evals]
         bound = [e["test_bound"] for e in evals]
         literal = [e["test_literal_bound"] for e in evals]
-        expected = (f"| categorical (20x10) | {column} | {paper} | "
+        expected = (f"| categorical (20x10) | {column} | 1 | {paper} | "  # 1 decoder pass a step
                     f"{statistics.fmean(nelbo):.2f} ± {statistics.stdev(nelbo):.2f} | "
                     f"{statistics.fmean(bound):.2f} ± {statistics.stdev(bound):.2f} | "
                     f"{statistics.fmean(literal):.2f} ± {statistics.stdev(literal):.2f} | 2 | "
@@ -156,7 +156,8 @@ def _job(estimator: str, lr: float, seed: int, val: float, test: float | None) -
     return {
         "job": f"s/{estimator}-{lr}-{seed}", "latent": "categorical (20x10)", "estimator": estimator,
         "seed": seed, "setting": [f"optim.lr={lr}", f"estimator={estimator}"],
-        "config": {"optim.lr": lr, "seed": seed}, "status": "complete", "error": None,
+        "config": {"estimator.name": estimator, "optim.lr": lr, "seed": seed},
+        "status": "complete", "error": None,
         "metrics": metrics, "val_curve": [[10, val]],
         "eval": None if test is None else {"test_nelbo": test + 1, "test_bound": test, "num_samples": 1000,
                                            "wall_seconds": 1.0},
@@ -177,6 +178,7 @@ def test_selection_uses_validation_only_and_never_reads_other_settings_test_figu
     assert cell.label(cell.chosen) == "optim.lr=0.0003" and [j["seed"] for j in cell.runs] == [0, 1]
     text = paper_table.render(tmp_path)
     row = next(line for line in text.splitlines() if line.startswith("| categorical (20x10) | MuProp |"))
+    assert row.startswith("| categorical (20x10) | MuProp | 2 |")  # MuProp's two decoder passes a step
     assert ("| 107.0 | 122.00 ± 1.41 | 121.00 ± 1.41 | not measured | 2 | 103.50 ± 0.71 | — | 10 | "
             "optim.lr=0.0003 |") in row
 
