@@ -107,6 +107,23 @@ class Latent:
         return z.reshape(*z.shape[: z.dim() - len(self.shape)], self.code_size)
 
 
+def _over_classes(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x, dim) over the last (class) axis. On the CPU through a transposed view: torch's CPU kernels
+    vectorise a softmax over a non-last axis across the axis after it, but not over a last axis of a
+    few classes, which runs element by element (scripts/bench.py --softmax measures the two)."""
+    if x.device.type != "cpu" or x.dim() < 2:
+        return fn(x, dim=-1)
+    return fn(x.transpose(-1, -2), dim=-2).transpose(-1, -2)
+
+
+def softmax(x: torch.Tensor) -> torch.Tensor:
+    return _over_classes(torch.softmax, x)
+
+
+def log_softmax(x: torch.Tensor) -> torch.Tensor:
+    return _over_classes(torch.log_softmax, x)
+
+
 class Categorical(Latent):
     """N categorical variables with K classes, one-hot codes; relaxation: Gumbel-Softmax."""
 
@@ -123,14 +140,14 @@ class Categorical(Latent):
         return -torch.log(-torch.log(u))
 
     def relax(self, perturbed, tau):
-        return torch.softmax(perturbed / tau, dim=-1)
+        return softmax(perturbed / tau)
 
     def harden(self, perturbed):
         index = perturbed.argmax(dim=-1, keepdim=True)
         return torch.zeros_like(perturbed).scatter_(-1, index, 1.0)
 
     def probs(self, logits):
-        return torch.softmax(logits, dim=-1)
+        return softmax(logits)
 
     def logits_of(self, mean):
         return torch.log(mean.clamp(min=torch.finfo(mean.dtype).tiny))
@@ -143,15 +160,18 @@ class Categorical(Latent):
         e_b = (z * e).sum(-1, keepdim=True)
         log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
         top = log_z - torch.log(e_b)
-        others = -torch.logaddexp(torch.log(e) - logits, torch.log(e_b) - log_z)
+        # The second operand made whole: broadcast along the classes, torch's CPU logaddexp runs element by
+        # element (scripts/bench.py --softmax measures the two).
+        sampled = (torch.log(e_b) - log_z).expand(e.shape).contiguous()
+        others = -torch.logaddexp(torch.log(e) - logits, sampled)
         return z * top + (1 - z) * others
 
     def log_prob(self, z, logits):
-        return (z * torch.log_softmax(logits, dim=-1)).sum(dim=(-2, -1))
+        return (z * log_softmax(logits)).sum(dim=(-2, -1))
 
     def kl(self, logits, prior_logits):
-        log_q = torch.log_softmax(logits, dim=-1)
-        log_p = torch.log_softmax(prior_logits, dim=-1)
+        log_q = log_softmax(logits)
+        log_p = log_softmax(prior_logits)
         return (log_q.exp() * (log_q - log_p)).sum(dim=(-2, -1))
 
     def one_value(self, code, var, value):
@@ -160,7 +180,7 @@ class Categorical(Latent):
         return code
 
     def log_prob_vars(self, z, logits):
-        return (z * torch.log_softmax(logits, dim=-1)).sum(dim=-1)
+        return (z * log_softmax(logits)).sum(dim=-1)
 
     def per_var(self, t):
         return t.sum(dim=-1)
