@@ -60,14 +60,17 @@ def restore(saved: dict[str, Any], model: torch.nn.Module, estimator: torch.nn.M
 FORMAT = "gvae-checkpoint/2"
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically, with its checksum: a kill mid-save leaves the previous checkpoint."""
+def save_checkpoint(path: Path, state: dict[str, Any]) -> str:
+    """Write atomically, with its checksum: a kill mid-save leaves the previous checkpoint. Returns
+    the checksum, the state's identity in the records made from it (metrics.json, eval.json)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
-    envelope = {"format": FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+    digest = hashlib.sha256(payload).hexdigest()
+    envelope = {"format": FORMAT, "sha256": digest,
                 "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
     atomic_write(path, lambda f: torch.save(envelope, f))
+    return digest
 
 
 def _read(source: Any, path: Path) -> Any:
@@ -83,15 +86,18 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     CheckpointError naming the file otherwise.
 
     CPU, whatever the training device: RNG states must be CPU tensors, and load_state_dict
-    copies the rest to the parameters' device.
+    copies the rest to the parameters' device. The state's "sha256" is its checksum (None for a
+    checkpoint written before checksums), the identity of the state in the records made from it.
     """
     state = _read(path, path)
+    digest = None
     if isinstance(state, dict) and state.get("format") == FORMAT:
         payload = state.get("payload")
         if not (torch.is_tensor(payload) and payload.dtype == torch.uint8):
             raise CheckpointError(f"{path} is damaged: its payload is missing")
         data = payload.numpy().tobytes()
-        if hashlib.sha256(data).hexdigest() != state.get("sha256"):
+        digest = state.get("sha256")
+        if hashlib.sha256(data).hexdigest() != digest:
             raise CheckpointError(f"{path} is damaged: its contents do not match the checksum written "
                                   "with it. Resume from a copy, or delete it to train this run again.")
         state = _read(io.BytesIO(data), path)
@@ -103,6 +109,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is not a gvae checkpoint: missing {missing}")
     _check_entries(path, state)
+    state["sha256"] = digest
     return state
 
 

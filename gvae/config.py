@@ -16,6 +16,7 @@ import difflib
 import importlib
 import importlib.resources
 import importlib.util
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +35,7 @@ from gvae.errors import ConfigError, require
 from gvae.estimators import ESTIMATORS, EstimatorConfig, estimator_help
 from gvae.mnist import MNISTConfig
 from gvae.model import ModelConfig
-from gvae.roles import CADENCE, DEVICE, EVALUATION, EXECUTION, LENGTH, SEED, per_run, role_field
+from gvae.roles import CADENCE, DEVICE, EVALUATION, EXECUTION, LENGTH, SEED, per_run, role_field, roles
 from gvae.schedules import SCHEDULES, ScheduleConfig
 from gvae.synthetic import SyntheticConfig
 from gvae.tasks import TASKS, TaskConfig
@@ -65,10 +66,20 @@ class TrainConfig:
     precision: Precision = Precision.fp32
     compile: StepMode = role_field(EXECUTION, StepMode.auto)
     resume: bool = role_field(EXECUTION, False)  # continue from this run folder's checkpoints/last.pt
+    # Replace a run already in the folder on purpose (its checkpoint, records, events and pictures are
+    # deleted first); without it, a folder holding a run is refused unless train.resume continues it.
+    overwrite: bool = role_field(EXECUTION, False)
 
     def check(self, key: str) -> None:
         for name in ("max_steps", "batch_size", "log_every", "eval_every", "ckpt_every"):
             require(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "must be >= 1")
+        require(not (self.resume and self.overwrite), f"{key}.overwrite", self.overwrite,
+                f"{key}.resume=true continues the run in the folder, {key}.overwrite=true replaces it: "
+                "choose one")
+
+
+MAX_EVAL_SAMPLES = 100_000  # m beyond this costs hours for 10,000 test images, even on a GPU
+SEED_LIMIT = 2**32  # seeds in [0, 2^32): every random stream takes them whole, so distinct seeds differ
 
 
 @dataclass
@@ -82,6 +93,8 @@ class EvalConfig:
     def check(self, key: str) -> None:
         for name in ("num_samples", "batch_size", "max_rows"):
             require(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "must be >= 1")
+        require(self.num_samples <= MAX_EVAL_SAMPLES, f"{key}.num_samples", self.num_samples,
+                f"must be <= {MAX_EVAL_SAMPLES:,}: the bound's cost grows with m (m = 1000 is the paper's)")
 
 
 @dataclass
@@ -113,6 +126,8 @@ class OptimConfig:
     weight_decay: float = 0.0
 
     def check(self, key: str) -> None:
+        require(self._partial_ is True, f"{key}._partial_", self._partial_,
+                "must be true: the optimizer is built once the parameters exist")
         module, _, name = str(self._target_).rpartition(".")
         try:
             cls = getattr(importlib.import_module(module), name, None)
@@ -166,6 +181,11 @@ class Config:
 
     def check(self) -> None:
         """Every range check, each group's own first; ConfigError naming the first bad key."""
+        check_finite(self)
+        for key in ("seed", "data.split_seed", "data.binarize_seed", "data.seed"):
+            value = leaf(self, key)
+            require(value is None or 0 <= value < SEED_LIMIT, key, value,
+                    "must be in [0, 2^32): every random stream takes it whole, so distinct seeds differ")
         require(DATASETS.get(self.data.name) is type(self.data), "data.name", self.data.name,
                 f"one of {sorted(DATASETS)}, chosen with data=NAME")
         self.data.check("data")
@@ -183,7 +203,85 @@ class Config:
         self.diag.check("diag")
         require(self.data.num_train >= self.train.batch_size, "data.num_train", self.data.num_train,
                 f"must be >= train.batch_size={self.train.batch_size}")
-        resolve_device(self.device)
+        check_memory(self, resolve_device(self.device))
+
+
+def leaf(cfg: Any, key: str) -> Any:
+    """The value at a dotted key of a typed config, or None where the schema has no such key."""
+    node = cfg
+    for part in key.split("."):
+        if not hasattr(node, part):
+            return None
+        node = getattr(node, part)
+    return node
+
+
+def check_finite(cfg: Config) -> None:
+    """ConfigError naming the first float value (or list entry) that is nan or infinite: no key of
+    gvae's means anything at either."""
+    for key, _ in roles(cfg):
+        value = leaf(cfg, key)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{key}={value!r} is not allowed: must be a finite number")
+
+
+def memory_estimate(cfg: Config) -> float:
+    """A lower bound on the bytes a run allocates at once (float32; data uint8): the model's
+    parameters with their gradient and two optimizer moments; a training step's saved activations
+    (the batch, with task.objective=iwae's K samples and an estimator's k draws); an evaluation
+    pass's largest layer output (eval.max_rows rows); the microscope's draws; the data."""
+    pixels = math.prod(cfg.data.image_shape)
+    latent = cfg.model.num_vars * (cfg.model.num_classes if cfg.model.latent.value == "categorical" else 1)
+    widths = [pixels, *cfg.model.hidden, latent]
+    params = 2 * sum(a * b for a, b in zip(widths, widths[1:], strict=False))  # encoder and decoder
+    row = 2 * sum(widths)  # one example's activations through the encoder and the decoder
+    samples = cfg.task.samples if cfg.task.objective.value == "iwae" else 1
+    draws = getattr(cfg.estimator, "k", 1)
+    diag_rows = (cfg.diag.draws + cfg.diag.max_codes) * cfg.diag.batch if cfg.diag.every else 0
+    return (16.0 * params + 4.0 * cfg.train.batch_size * samples * (row + draws * latent)
+            + 4.0 * max(cfg.eval.max_rows, cfg.eval.batch_size, diag_rows) * max(widths)
+            + 1.0 * (cfg.data.num_train + cfg.data.num_val) * pixels)
+
+
+# The keys that size a run's allocations: the one whose own value makes a run too big is named.
+SIZE_KEYS = ("model.num_vars", "model.num_classes", "model.hidden", "data.image_shape", "train.batch_size",
+             "task.samples", "estimator.k", "eval.max_rows", "eval.batch_size", "data.num_train",
+             "data.num_val", "diag.draws", "diag.batch", "diag.max_codes")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the device has in all: the GPU's memory, or this machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(cfg: Config, device: torch.device) -> None:
+    """ConfigError when a run could not fit the device (sizes of 10^12 would otherwise reach torch's
+    allocator, or a machine's swap), naming the key whose own value does it: the one whose schema
+    default shrinks the estimate most, with the estimate and what the device has."""
+    need, have = memory_estimate(cfg), available_memory(device)
+    if need <= have:
+        return
+
+    def without(key: str) -> float:  # the estimate with this key at its schema's default
+        *path, name = key.split(".")
+        node = leaf(cfg, ".".join(path)) if path else cfg
+        if node is None or not hasattr(node, name):
+            return need
+        default = getattr(type(node)(), name)
+        saved = getattr(node, name)
+        setattr(node, name, default)
+        try:
+            return memory_estimate(cfg)
+        finally:
+            setattr(node, name, saved)
+
+    key = min(SIZE_KEYS, key=without)
+    raise ConfigError(f"{key}={leaf(cfg, key)!r} is not allowed: the run would allocate at least "
+                      f"{need / 2**30:,.1f} GiB at once, and {device} has {have / 2**30:,.1f} GiB")
 
 
 # -----------------------------------------------------------------------------

@@ -52,7 +52,8 @@ class DataConfig:
         require(len(self.image_shape) == 3 and all(n >= 1 for n in self.image_shape), f"{key}.image_shape",
                 list(self.image_shape), "[channels, height, width], each >= 1")
         require(self.num_train >= 1, f"{key}.num_train", self.num_train, "must be >= 1")
-        require(self.num_val >= 1, f"{key}.num_val", self.num_val, "must be >= 1")
+        require(self.num_val >= 8, f"{key}.num_val", self.num_val,
+                "must be >= 8 (the validation images' grids show 8 a row)")
 
 
 @dataclass

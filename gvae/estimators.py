@@ -439,6 +439,10 @@ class ReinMaxConfig(EstimatorConfig):
     # ReinMax's own temperature (its authors use tau >= 1); null: the schedule's
     tau: float | None = per_run(1.0)
 
+    def check(self, key: str) -> None:
+        super().check(key)
+        require(self.tau is None or self.tau > 0, f"{key}.tau", self.tau, "must be > 0 (or null)")
+
 
 @register(ReinMaxConfig)
 class ReinMax(Reparameterized):

@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -34,10 +35,11 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from gvae.config import EvalConfig, import_extensions, resolve_device
+from gvae.config import Config, EvalConfig, import_extensions, resolve_device
 from gvae.data import Splits, load_splits
 from gvae.errors import ConfigError, GvaeError
 from gvae.files import write_json
+from gvae.run_folder import FolderBusy, RunFolder
 from gvae.runs import find_runs, load_model, read_json, run_config, unfinished
 from gvae.tasks import Task
 
@@ -171,16 +173,28 @@ def evaluate(
 # gvae-eval: evaluate finished runs from their folders
 
 def evaluate_run(run_dir: Path, overrides: list[str], force: bool = False) -> dict[str, Any] | str:
-    """Evaluate one finished run and write eval.json and TensorBoard scalars into its folder.
+    """Evaluate one finished run and write eval.json and TensorBoard scalars into its folder, holding
+    the folder's lock meanwhile (a live run there is refused: its checkpoint is still changing).
     Returns the record, or a string saying why the run was skipped."""
     cfg = run_config(run_dir, overrides)  # only the keys evaluation may set (gvae/roles.py)
+    try:
+        with RunFolder(run_dir):
+            return _evaluate_locked(run_dir, cfg, force)
+    except FolderBusy as e:
+        return f"{e} (it is evaluated once it has finished)"
+
+
+def _evaluate_locked(run_dir: Path, cfg: Config, force: bool) -> dict[str, Any] | str:
     if why := unfinished(run_dir):
         return why
+    if not os.access(run_dir, os.W_OK):  # found before the evaluation, not after it
+        return f"{run_dir} is not writable: eval.json could not be written there"
     eval_settings = dataclasses.asdict(cfg.eval)
     previous = read_json(run_dir / "eval.json")
     device = resolve_device(cfg.device)
-    model, step = load_model(run_dir, cfg, device)
-    if not force and previous and previous.get("step") == step and previous.get("eval") == eval_settings:
+    model, step, digest = load_model(run_dir, cfg, device)
+    if (not force and previous and previous.get("step") == step and previous.get("eval") == eval_settings
+            and previous.get("checkpoint_sha256") == digest):
         return "already evaluated with these settings (eval.json; --force evaluates again)"
     log.info("%s: step %d, m = %d, on %s", run_dir, step, cfg.eval.num_samples, device)
     t0 = time.perf_counter()
@@ -188,7 +202,7 @@ def evaluate_run(run_dir: Path, overrides: list[str], force: bool = False) -> di
     tau = cfg.schedule.temperature(step) if cfg.eval.relaxed else None
     figures = evaluate(model, splits, cfg.eval, ("val", "test"), bound=True, relaxed_tau=tau, progress=True)
     record = {
-        "step": step, **figures, "num_samples": cfg.eval.num_samples,
+        "step": step, "checkpoint_sha256": digest, **figures, "num_samples": cfg.eval.num_samples,
         **({"relaxed_tau": tau} if tau is not None else {}),
         "eval": eval_settings, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -206,6 +220,15 @@ def evaluate_run(run_dir: Path, overrides: list[str], force: bool = False) -> di
             tag = "eval/test_relaxed_nelbo" + ("" if relaxed.bound else "_not_a_bound")
             writer.add_scalar(tag, figures["test_relaxed_nelbo"], step)
     return record
+
+
+def fits(run_dir: Path) -> bool:
+    """Whether the run's own config reads and checks (without any override)."""
+    try:
+        run_config(run_dir)
+    except GvaeError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,8 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="evaluate runs that eval.json says are done")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = [a for a in args.items if "=" in a]
-    paths = [Path(a) for a in args.items if "=" not in a]
+    # An existing folder is a folder, even with "=" in its name; anything else with "=" is an override.
+    paths = [Path(a) for a in args.items if Path(a).is_dir() or "=" not in a]
+    overrides = [a for a in args.items if Path(a) not in paths]
+    if not paths:
+        parser.error("no run or sweep folder given (only overrides: " + " ".join(overrides) + ")")
     try:
         import_extensions()
         runs = find_runs(paths)
@@ -238,10 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     for i, run_dir in enumerate(runs, 1):
         try:
             result = evaluate_run(run_dir, overrides, args.force)
-        except ConfigError as e:  # the same for every run: stop
-            log.error("error: %s", e)
-            return 1
-        except GvaeError as e:
+        except ConfigError as e:
+            if overrides and fits(run_dir):  # the overrides are wrong, for every run: stop
+                log.error("error: %s", e)
+                return 1
+            result = f"error: {e}"  # this run's own record is wrong: the others go on
+        except (GvaeError, OSError) as e:
             result = f"error: {e}"
         if isinstance(result, str):
             skipped += not result.startswith("already")

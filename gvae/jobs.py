@@ -25,7 +25,15 @@ from gvae import checkpoint as ckpt
 from gvae.config import Config, container, validate
 from gvae.engine import build_engine
 from gvae.errors import GvaeError, JobFailed, NonFiniteError
-from gvae.run_folder import RunFolder, describe_failure, logging_to, write_failure
+from gvae.run_folder import (
+    RunExists,
+    RunFolder,
+    clear_outputs,
+    describe_failure,
+    held_run,
+    logging_to,
+    write_failure,
+)
 from gvae.trainer import Run
 from gvae.trainer import train as train_loop
 
@@ -41,6 +49,7 @@ class OpenedRun:
     out_dir: Path
     checkpoint: dict | None  # the state to resume from
     finished: dict | None  # the metrics of a run already finished: nothing to do
+    replaces: str | None = None  # the run in the folder that train.overwrite replaces, in words
 
     @property
     def step(self) -> int:
@@ -57,11 +66,20 @@ def finished_metrics(out_dir: Path, max_steps: int) -> dict[str, Any] | None:
 
 
 def open_run(cfg: DictConfig, out_dir: Path) -> OpenedRun:
-    """Whether this run may use out_dir, decided without writing anything: its config valid, and with
-    train.resume a checkpoint there of its own configuration (ConfigError, CheckpointError)."""
+    """Whether this run may use out_dir, decided without writing anything: its config valid; with
+    train.resume a checkpoint there of its own configuration (ConfigError, CheckpointError); without
+    it no run there, unless train.overwrite replaces it (RunExists)."""
     typed = validate(cfg)
     opened = OpenedRun(cfg, typed, out_dir, None, None)
     if not typed.train.resume:
+        if (held := held_run(out_dir)) is not None:
+            if not typed.train.overwrite:
+                raise RunExists(
+                    f"{out_dir} already holds {held}: a new run there would overwrite it. To continue "
+                    "it, run the same command with train.resume=true; to keep it, choose another folder "
+                    "(hydra.run.dir, or hydra.sweep.dir for a sweep); to replace it, add "
+                    "train.overwrite=true.")
+            opened.replaces = held
         return opened
     path = out_dir / "checkpoints" / "last.pt"
     if path.exists():
@@ -73,6 +91,13 @@ def open_run(cfg: DictConfig, out_dir: Path) -> OpenedRun:
     elif opened.checkpoint is None:
         log.info("train.resume=true but no checkpoint in %s: starting from step 0", path.parent)
     return opened
+
+
+def replace_outputs(opened: OpenedRun) -> None:
+    """Delete what the run replaced by train.overwrite wrote (the folder is the new run's)."""
+    if opened.replaces is not None:
+        log.warning("%s: replacing %s (train.overwrite=true)", opened.out_dir, opened.replaces)
+        clear_outputs(opened.out_dir)
 
 
 def command_line_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -126,6 +151,8 @@ def train_runs(cfgs: list[DictConfig], out_dirs: list[Path],
     in its own folder, with no lock: the library's call. `settings`: what each run's command line
     set, for its hparams record (default: Hydra's, when Hydra runs)."""
     opened = [open_run(c, d) for c, d in zip(cfgs, out_dirs, strict=True)]  # before anything is written
+    for o in opened:
+        replace_outputs(o)
     return train_opened(opened, settings or [command_line_settings(c) for c in cfgs])
 
 
@@ -165,6 +192,7 @@ class Job:
         self.opened = open_run(self.cfg, self.out_dir)
         if self.opened.finished is not None:
             return False
+        replace_outputs(self.opened)
         self.folder.record(self.cfg, self.hydra_cfg)
         return True
 

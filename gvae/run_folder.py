@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -51,6 +52,40 @@ def logging_to(path: Path) -> Iterator[None]:
 
 class FolderBusy(GvaeError):
     """Another live process holds the run folder; the message names the folder and the holder."""
+
+
+class RunExists(GvaeError):
+    """The folder holds a run that a new run would overwrite; the message says how to go on."""
+
+
+# What a run writes in its folder besides its record (.hydra/): what replacing it deletes.
+RUN_OUTPUTS = ("checkpoints", "metrics.json", "eval.json", "failed.json", "events.out.tfevents.*", "*.png",
+               "pictures.json", "*.log")
+
+
+def held_run(path: Path) -> str | None:
+    """What run the folder holds (a finished one, a checkpoint, an evaluation), in words, or None."""
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+        if metrics.get("status") == "complete":
+            return f"a finished run ({metrics.get('step')} steps, metrics.json)"
+    except (OSError, ValueError, AttributeError):
+        pass
+    for name, what in (("checkpoints/last.pt", "a run's checkpoint"), ("metrics.json", "a run's metrics"),
+                       ("eval.json", "an evaluation")):
+        if (path / name).exists():
+            return f"{what} ({name})"
+    return None
+
+
+def clear_outputs(path: Path) -> None:
+    """Delete what a run wrote in the folder (RUN_OUTPUTS), for a run that replaces it on purpose."""
+    for pattern in RUN_OUTPUTS:
+        for item in path.glob(pattern):
+            if item.is_dir():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
 
 
 class RunFolder:
@@ -150,6 +185,9 @@ def describe_failure(error: BaseException, out_dir: Path) -> tuple[str, str, int
         where = f"{error.filename}: " if error.filename else ""
         return "failed", (f"file system error: {where}{error.strerror or error}; {kept}. Free space or "
                           "fix the folder's permissions, then run again with train.resume=true."), 1
+    if not isinstance(error, GvaeError):  # not a failure gvae knows: say what it was
+        return "failed", (f"unexpected {type(error).__name__}: {error}; {kept}. This is a bug in gvae or "
+                          "in an estimator of yours: please report it with the run's log."), 1
     return "failed", str(error), 1
 
 

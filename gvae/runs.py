@@ -107,8 +107,9 @@ def unfinished(run_dir: Path) -> str | None:
     return "not finished (no complete metrics.json)" if status == "unfinished" else f"{status}: {why}"
 
 
-def load_model(run_dir: Path, cfg: Config, device: torch.device) -> tuple[Task, int]:
-    """The trained model of a run, from checkpoints/last.pt (weights_only), and its step."""
+def load_model(run_dir: Path, cfg: Config, device: torch.device) -> tuple[Task, int, str | None]:
+    """The trained model of a run, from checkpoints/last.pt (weights_only), its step and its checksum
+    (the state's identity in the records made from it; None for a checkpoint without one)."""
     path = run_dir / "checkpoints" / "last.pt"
     if not path.is_file():
         raise RunError(f"{path} does not exist: the run has no checkpoint")
@@ -117,4 +118,4 @@ def load_model(run_dir: Path, cfg: Config, device: torch.device) -> tuple[Task, 
     model = build_task(cfg).to(device)
     model.load_state_dict(state["model"])
     model.eval()
-    return model, int(state["step"])
+    return model, int(state["step"]), state["sha256"]

@@ -164,10 +164,13 @@ def expected_jobs(sweep_dir: Path) -> list[frozenset[str]]:
     return [frozenset(job) for job in cross(jobs, list(hydra_cfg.sweeper.get("rows") or []))]
 
 
-def check_consistent(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """TableError unless the job's recorded config (.hydra/config.yaml), its checkpoint and its
-    metrics.json describe the same run: a folder whose record was rewritten (an old gvae let a
-    refused resume do it) would put one setting's figures under another's name."""
+def check_consistent(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any],
+                     evaluation: dict[str, Any] | None) -> None:
+    """TableError unless the job's recorded config (.hydra/config.yaml), its checkpoint, its
+    metrics.json and its eval.json describe the same run and the same state: a folder whose record
+    was rewritten (an old gvae let a refused resume do it) would put one setting's figures under
+    another's name, and an eval.json of an earlier state (evaluated, then resumed) one state's test
+    figures beside another's selection."""
     try:
         recorded = run_defining(config_from_dict(cfg))
         path = folder / "checkpoints" / "last.pt"
@@ -179,12 +182,28 @@ def check_consistent(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any])
     if saved["step"] != metrics.get("step"):
         raise TableError(f"job {folder}: metrics.json is of step {metrics.get('step')}, its checkpoint "
                          f"of step {saved['step']}")
+    state = f"its checkpoint {path} (step {saved['step']}, {saved['sha256'] or 'no checksum'})"
+    if not same_state(metrics, saved):
+        raise TableError(f"job {folder}: metrics.json is of another state than {state}: "
+                         f"{metrics.get('checkpoint_sha256')}")
+    if evaluation is not None and not same_state(evaluation, saved):
+        raise TableError(f"job {folder}: eval.json is of step {evaluation.get('step')} "
+                         f"({evaluation.get('checkpoint_sha256') or 'no checksum recorded'}), {state}: "
+                         f"test figures of one state beside the selection of another. Evaluate it again: "
+                         f"gvae-eval --force {folder}")
     if "run_config" in metrics:  # written since 2026-11-28; typed again: keys added since take defaults
         if differ := config_differences(run_defining(config_from_dict(unflatten(metrics["run_config"]))),
                                         recorded):
             details = "; ".join(f"{k}: {a!r} in metrics.json, {b!r} in .hydra/config.yaml"
                                 for k, a, b in differ)
             raise TableError(f"job {folder}: its metrics and its config disagree ({details})")
+
+
+def same_state(record: dict[str, Any], saved: dict[str, Any]) -> bool:
+    """Whether a record (metrics.json, eval.json) is of the checkpoint's state: the same step, and the
+    same checksum where both have one (records and checkpoints before 2026-12-07 have none)."""
+    digest, saved_digest = record.get("checkpoint_sha256"), saved["sha256"]
+    return record.get("step") == saved["step"] and not (digest and saved_digest and digest != saved_digest)
 
 
 def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
@@ -208,9 +227,9 @@ def job_record(folder: Path, sweep_name: str, sweep_dir: Path, halving: bool = F
     flat = flatten(container(schema))
     status, error = run_status(folder)
     metrics = read_json(folder / "metrics.json") if status == "complete" else None
-    if metrics is not None:
-        check_consistent(folder, cfg, metrics)
     evaluation = read_json(folder / "eval.json") if status == "complete" else None
+    if metrics is not None:
+        check_consistent(folder, cfg, metrics, evaluation)
     return {
         "job": f"{sweep_name}/{folder.relative_to(sweep_dir).as_posix()}",
         "latent": row_label(schema), "estimator": estimator_label(schema), "seed": flat["seed"],

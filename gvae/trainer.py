@@ -58,6 +58,7 @@ class Run:
     val_curve: list[list[float]] = dataclasses.field(default_factory=list)
     last_val: float = float("nan")
     ckpt_step: int | None = None  # the step of the last good checkpoint
+    ckpt_digest: str | None = None  # its checksum: the identity of the state its figures come from
     finite_at: int = 0  # the last step at which its tensors were seen finite
     tau_now: float = 1.0
     wall_before: float = 0.0  # seconds spent on this run by the processes before this one (resumed)
@@ -115,6 +116,7 @@ def train(engine: Engine, runs: list[Run], on_failure: Callable[[Run, NonFiniteE
     for run in runs:
         if run.saved:
             run.best_val, run.ckpt_step = run.saved["val_nelbo_best"], run.saved["step"]
+            run.ckpt_digest = run.saved.get("sha256")
             # [step, validation nelbo] at each evaluation: the curve of the paper's Figure 4, kept in
             # the checkpoint so that a resumed run reports all of it (older checkpoints have none).
             run.val_curve = [list(p) for p in run.saved.get("val_curve", [])]
@@ -158,7 +160,7 @@ def train(engine: Engine, runs: list[Run], on_failure: Callable[[Run, NonFiniteE
             run.ckpt_path.parent.mkdir(exist_ok=True)
             state = ckpt.state(p.model, p.estimator, p.optimizer, p.sampler, device, step, run.best_val,
                                run.val_curve, run.config, run.wall_before + time.perf_counter() - t_start)
-            ckpt.save_checkpoint(run.ckpt_path, state)
+            run.ckpt_digest = ckpt.save_checkpoint(run.ckpt_path, state)
             run.ckpt_step = step
 
     def evaluate_val() -> None:
@@ -294,6 +296,9 @@ def finish(run: Run, engine: Engine, step: int, steps_per_sec: float, wall_secon
         "steps_per_sec": steps_per_sec, "wall_seconds": run.wall_before + wall_seconds, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "step_mode": engine.mode, "val_curve": run.val_curve,
+        # The checkpoint the figures come from (written at this step): what gvae-eval and a table
+        # check before setting other figures beside these.
+        "checkpoint_sha256": run.ckpt_digest if run.ckpt_step == step else None,
         # What the figures belong to, so that a table can check the folder's config still says so.
         "run_config": ckpt.run_defining(run.cfg),
     }

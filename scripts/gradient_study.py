@@ -68,7 +68,7 @@ def adapt(model, estimator: torch.nn.Module, x: torch.Tensor, tau: float, steps:
 def study(run_dir: Path, names: list[str], draws: int, batch: int, taus: list[float], max_codes: int,
           reference_draws: int, seed: int, adapt_steps: int) -> dict:
     cfg = run_config(run_dir, ["device=cpu"])
-    model, step = load_model(run_dir, cfg, torch.device("cpu"))
+    model, step, _ = load_model(run_dir, cfg, torch.device("cpu"))
     splits = load_splits(cfg.data, torch.device("cpu"))
     x = splits.eval_targets(splits.val[:batch])
     latent_type = cfg.model.latent.value

@@ -11,6 +11,7 @@ from hydra.test_utils.test_utils import SweepTaskFunction
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gvae.train
+from gvae.checkpoint import load_checkpoint, save_checkpoint
 from gvae.config import config_path, register_configs
 from gvae.evaluation import main as gvae_eval
 from tests.conftest import SMALL
@@ -101,3 +102,66 @@ def test_a_sweeper_is_given_the_best_validation_figure_not_a_test_figure(mnist_r
     assert len(returns) == len(metrics) == 2
     for value, m in zip(returns, metrics, strict=True):
         assert value == m["val_nelbo_best"] != m["test_bound"]
+
+
+@pytest.mark.slow
+def test_gvae_eval_refuses_a_folder_a_live_run_holds_and_evaluates_the_rest(sweep, tmp_path, caplog):
+    from gvae.run_folder import RunFolder
+
+    copy = fresh_copy(sweep, tmp_path)
+    with RunFolder(copy / "0"):  # as a run training there holds it
+        assert gvae_eval([str(copy), "eval.num_samples=2"]) == 1
+    assert not (copy / "0" / "eval.json").exists() and (copy / "1" / "eval.json").is_file()
+    assert f"{copy / '0'} skipped: {copy / '0'} is in use by another run" in caplog.text
+
+
+@pytest.mark.slow
+def test_eval_json_names_the_state_it_is_of_and_is_redone_for_another(sweep, tmp_path, caplog):
+    """eval.json carries the step and the checkpoint's checksum it came from (metrics.json the same
+    checksum); a run trained again in the folder has another, so it is not skipped as evaluated."""
+    run = fresh_copy(sweep, tmp_path) / "0"
+    assert gvae_eval([str(run), "eval.num_samples=2"]) == 0
+    record = json.loads((run / "eval.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert record["checkpoint_sha256"] == metrics["checkpoint_sha256"]
+    assert len(record["checkpoint_sha256"]) == 64
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    state["val_nelbo_best"] += 1.0  # another state, at the same step
+    save_checkpoint(run / "checkpoints" / "last.pt", state)
+    caplog.clear()
+    assert gvae_eval([str(run), "eval.num_samples=2"]) == 0
+    assert "already evaluated" not in caplog.text
+    assert json.loads((run / "eval.json").read_text())["checkpoint_sha256"] != record["checkpoint_sha256"]
+
+
+def test_gvae_eval_without_a_folder_is_an_error_and_a_folder_with_an_equals_sign_is_a_folder(tmp_path, capsys,
+                                                                                              caplog):
+    with pytest.raises(SystemExit) as exit_:
+        gvae_eval(["eval.num_samples=2"])
+    assert exit_.value.code == 2 and "no run or sweep folder given" in capsys.readouterr().err
+    odd = tmp_path / "lr=1e-3"
+    odd.mkdir()
+    assert gvae_eval([str(odd)]) == 1
+    assert f"{odd} is neither a run folder" in caplog.text  # read as the folder it is, not an override
+
+
+@pytest.mark.slow
+def test_gvae_eval_goes_on_past_a_job_it_cannot_read_and_stops_for_a_bad_override(sweep, tmp_path, caplog):
+    copy = fresh_copy(sweep, tmp_path)
+    config = copy / "0" / ".hydra" / "config.yaml"
+    config.write_text(config.read_text().replace("name: gumbel_softmax", "name: no_such_estimator"))
+    assert gvae_eval([str(copy), "eval.num_samples=2"]) == 1
+    assert "no_such_estimator" in caplog.text and (copy / "1" / "eval.json").is_file()
+    caplog.clear()
+    assert gvae_eval([str(copy), "optim.lr=1"]) == 1  # wrong for every job: said once
+    assert caplog.text.count("only data.download") == 1
+
+
+@pytest.mark.slow
+def test_an_unwritable_run_folder_is_skipped_before_its_evaluation(sweep, tmp_path, caplog, monkeypatch):
+    # os.access stands in for the permission (these machines run as root, which writes anywhere).
+    run = fresh_copy(sweep, tmp_path) / "0"
+    monkeypatch.setattr("gvae.evaluation.os.access", lambda path, mode: Path(path) != run)
+    monkeypatch.setattr("gvae.evaluation.load_model", lambda *a: pytest.fail("the model was loaded"))
+    assert gvae_eval([str(run)]) == 1
+    assert f"{run} is not writable" in caplog.text

@@ -4,8 +4,10 @@ alone."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -165,6 +167,37 @@ def test_the_packed_launcher_writes_each_jobs_folder_and_packs_compatible_jobs(t
         assert list(job.glob("events.out.tfevents.*"))
         assert json.loads((job / "metrics.json").read_text())["status"] == "complete"
         assert (job / ".hydra" / "overrides.yaml").read_text().count("model.hidden") == 1
+
+
+@pytest.mark.slow
+def test_an_unexpected_error_in_one_pack_fails_its_jobs_and_the_later_packs_train(tmp_path, monkeypatch):
+    """An error that is not one of gvae's (a bug, an estimator of the user's) in one pack: its jobs fail
+    with one message naming it and failed.json, and the packs after it train as usual."""
+    import gvae.jobs
+    import gvae.train
+
+    build = gvae.jobs.build_engine
+
+    def failing_build(cfgs, *args, **kwargs):
+        if cfgs[0].model.hidden == [16]:
+            raise ZeroDivisionError("a bug")
+        return build(cfgs, *args, **kwargs)
+
+    monkeypatch.setattr(gvae.jobs, "build_engine", failing_build)
+    sweep = tmp_path / "sweep"
+    args = [*SWEEP, "model.hidden=[16],[32]", f"hydra.sweep.dir={sweep}"]
+    monkeypatch.setattr(sys, "argv", ["gvae-train", *args])
+    with contextlib.suppress(SystemExit):
+        gvae.train.main()
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    hidden = {job: "[16]" in (job / ".hydra" / "overrides.yaml").read_text() for job in jobs}
+    assert sum(hidden.values()) == 4
+    for job in jobs:
+        if hidden[job]:
+            error = json.loads((job / "failed.json").read_text())["error"]
+            assert "unexpected ZeroDivisionError: a bug" in error and not (job / "metrics.json").exists()
+        else:
+            assert json.loads((job / "metrics.json").read_text())["status"] == "complete"
 
 
 @pytest.mark.slow

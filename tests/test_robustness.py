@@ -225,3 +225,45 @@ def test_the_signal_errors_cross_a_process_boundary_whole(error):
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is type(error) and str(copy) == str(error) and copy.signum == error.signum
     assert describe_failure(copy, Path("/nonexistent")) == describe_failure(error, Path("/nonexistent"))
+
+
+# -----------------------------------------------------------------------------
+# a finished run is never overwritten or misreported
+
+
+def test_a_finished_run_is_not_overwritten_by_a_run_without_resume(tmp_path, monkeypatch):
+    """Reusing a finished run's folder without train.resume is refused, the folder byte for byte as it
+    was, with one message saying how to continue, keep or replace it; train.overwrite=true replaces it
+    on purpose: the old run's records (its eval.json included) and event files are gone, so neither
+    gvae-eval nor TensorBoard sees two runs' figures in one folder."""
+    run = tmp_path / "run"
+    args = [*SYNTHETIC, "train.max_steps=20", f"hydra.run.dir={run}"]
+    assert run_main(args, monkeypatch) == 0
+    (run / "eval.json").write_text(json.dumps({"step": 20, "test_bound": 1.0}))
+    before = snapshot(run)
+    assert run_main(args, monkeypatch) == 1
+    assert snapshot(run) == before
+    assert run_main([*args, "train.overwrite=true", "seed=1"], monkeypatch) == 0
+    assert not (run / "eval.json").exists()
+    old_events = {name for name in before if name.startswith("events.out.tfevents.")}
+    assert old_events and not old_events & {p.name for p in run.glob("events.out.tfevents.*")}
+    assert "seed: 1" in (run / ".hydra" / "config.yaml").read_text().splitlines()
+
+
+def test_the_refusal_says_how_to_continue_keep_or_replace_the_run(tmp_path):
+    run = tmp_path / "run"
+    args = [*SYNTHETIC, "train.max_steps=20", f"hydra.run.dir={run}"]
+    assert gvae_train(args, tmp_path).returncode == 0
+    result = gvae_train(args, tmp_path)
+    message = result.stdout
+    assert result.returncode == 1 and "Traceback" not in message
+    assert f"{run} already holds a finished run (20 steps, metrics.json)" in message
+    assert all(hint in message for hint in ("train.resume=true", "hydra.run.dir", "train.overwrite=true"))
+
+
+def test_resume_and_overwrite_together_are_refused_at_start_up(tmp_path, monkeypatch):
+    from gvae.config import compose_config, validate
+    from gvae.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.overwrite=True is not allowed: train.resume=true continues"):
+        validate(compose_config([*SYNTHETIC, "train.resume=true", "train.overwrite=true"]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,21 @@ def test_gvae_sample_writes_three_grids_of_the_right_sizes_into_the_run_folder(t
     assert sizes["prior.png"] == grid_size(8, 8)  # 64 images
     assert sizes["reconstructions.png"] == grid_size(8, 16)  # 8 rows of inputs, each above its own
     assert sizes["traversal.png"] == grid_size(10, 16)  # 10 classes of the first 16 of 20 variables
+    record = json.loads((run / "pictures.json").read_text())  # which state they are of
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert record["step"] == metrics["step"] and record["checkpoint_sha256"] == metrics["checkpoint_sha256"]
+    assert record["files"] == list(NAMES) and record["seed"] == 0
+
+
+@pytest.mark.slow
+def test_an_unwritable_output_folder_is_named_before_any_work(tiny_sweep, tmp_path, caplog, monkeypatch):
+    # os.access stands in for the permission (these machines run as root, which writes anywhere).
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr("gvae.sample.os.access", lambda path, mode: Path(path) != out)
+    monkeypatch.setattr("gvae.sample.load_model", lambda *a: pytest.fail("the model was loaded"))
+    assert gvae_sample([str(tiny_sweep / "0"), "--out", str(out)]) == 1
+    assert f"{out} is not writable" in caplog.text and not list(out.iterdir())
 
 
 @pytest.mark.slow

@@ -289,3 +289,21 @@ def test_the_network_study_regenerates_byte_for_byte_from_the_records_it_names(t
                              str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "study.md").read_bytes() == study.read_bytes()
+
+
+@pytest.mark.slow
+def test_a_table_refuses_test_figures_of_an_earlier_state_than_its_selection(tmp_path):
+    """gvae-eval at step 20, then the run resumed to step 40: the record would set step 20's test
+    figures beside step 40's validation figures; it stops naming the file, the steps and the command."""
+    from tests.conftest import SYNTHETIC, gvae_train
+
+    run = tmp_path / "sweep" / "0"
+    args = [*SYNTHETIC, "train.max_steps=20", f"hydra.run.dir={run}"]
+    assert gvae_train(args, tmp_path).returncode == 0
+    assert gvae_eval([str(run), "eval.num_samples=2"]) == 0
+    assert gvae_train([*args, "train.max_steps=40", "train.resume=true"], tmp_path).returncode == 0
+    stale = r"eval.json is of step 20 .*\(step 40, .*gvae-eval --force"
+    with pytest.raises(paper_table.TableError, match=stale):
+        paper_table.job_record(run, "sweep", run.parent)
+    assert gvae_eval([str(run), "eval.num_samples=2"]) == 0  # a new state: evaluated again, not skipped
+    assert paper_table.job_record(run, "sweep", run.parent)["eval"]["step"] == 40

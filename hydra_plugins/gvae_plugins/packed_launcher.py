@@ -30,7 +30,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
 from gvae.engine import pack_key
-from gvae.errors import GvaeError, Interrupted, NonFiniteError, Stopped
+from gvae.errors import Interrupted, NonFiniteError, Stopped
 from gvae.jobs import Job, command_line_settings, train_jobs
 from gvae.nets import Net
 from gvae.run_folder import describe_failure, signals_raise_stopped
@@ -102,7 +102,7 @@ def accept(job: Job, ret: JobReturn, folders: ExitStack) -> bool:
     try:
         if job.accept(folders):
             return True
-    except GvaeError as e:
+    except Exception as e:  # noqa: BLE001  (gvae's own or not: this job fails, the others go on)
         fail(job, ret, e)
         return False
     ret.return_value, ret.status = job.opened.finished["val_nelbo_best"], JobStatus.COMPLETED
@@ -138,7 +138,7 @@ def train_pack(pack: list[tuple[Job, JobReturn]]) -> None:
             for job, ret in pack:
                 fail(job, ret, e)
             raise SystemExit(describe_failure(e, pack[0][0].out_dir)[2]) from None  # the sweep stops too
-        except (GvaeError, OSError) as e:
+        except Exception as e:  # noqa: BLE001  (gvae's own or not: this pack fails, the later ones go on)
             for job, ret in pack:
                 fail(job, ret, e)
             return
