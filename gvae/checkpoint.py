@@ -39,12 +39,26 @@ def state(model: torch.nn.Module, estimator: torch.nn.Module, optimizer: torch.o
             "wall_seconds": wall_seconds}  # the run's time so far, over every process that trained it
 
 
+def load_fitting(module: Any, state: dict[str, Any], what: str, path: str = "the checkpoint") -> None:
+    """module.load_state_dict(state), or CheckpointError naming `path` when the checkpoint's tensors do
+    not fit it (a checkpoint of another model whose config was altered, its checksum valid)."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        first = " ".join(lines[:2]) or type(e).__name__  # torch's heading and its first mismatch
+        raise CheckpointError(f"{path}: its {what} does not fit this run's ({first}): it was written by "
+                              "another model. Resume from the right run's checkpoint, or delete it to train "
+                              "this run again.") from None
+
+
 def restore(saved: dict[str, Any], model: torch.nn.Module, estimator: torch.nn.Module,
             optimizer: torch.optim.Optimizer, sampler: BatchSampler, device: torch.device) -> None:
     """Load a checkpoint's tensors and random states into freshly built components."""
-    model.load_state_dict(saved["model"])
-    estimator.load_state_dict(saved["estimator"])
-    optimizer.load_state_dict(saved["optimizer"])
+    path = saved.get("path", "the checkpoint")
+    load_fitting(model, saved["model"], "model", path)
+    load_fitting(estimator, saved["estimator"], "estimator", path)
+    load_fitting(optimizer, saved["optimizer"], "optimizer state", path)
     for state in optimizer.state.values():  # a pack's checkpoints before 2026-11-28 held transposed views
         for k, v in state.items():
             if torch.is_tensor(v) and not v.is_contiguous():
@@ -109,7 +123,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is not a gvae checkpoint: missing {missing}")
     _check_entries(path, state)
-    state["sha256"] = digest
+    state["sha256"], state["path"] = digest, str(path)  # where it came from, for the messages made later
     return state
 
 

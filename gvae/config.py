@@ -137,6 +137,8 @@ class OptimConfig:
                 self._target_, "a torch.optim.Optimizer class (optim=adam or optim=sgd)")
         require(self.lr > 0, f"{key}.lr", self.lr, "must be > 0")
         require(self.weight_decay >= 0, f"{key}.weight_decay", self.weight_decay, "must be >= 0")
+        require(self.weight_decay * self.lr < 1, f"{key}.weight_decay", self.weight_decay,
+                f"must be < 1 / {key}.lr = {1 / self.lr:g}: a larger decay overshoots zero at every step")
 
 
 @dataclass
@@ -160,7 +162,8 @@ class SGDConfig(OptimConfig):
 
     def check(self, key: str) -> None:
         super().check(key)
-        require(self.momentum >= 0, f"{key}.momentum", self.momentum, "must be >= 0")
+        require(0 <= self.momentum < 1, f"{key}.momentum", self.momentum,
+                "must be in [0, 1): at 1 or more the velocity never decays and the run diverges")
         require(not self.nesterov or self.momentum > 0, f"{key}.nesterov", self.nesterov,
                 f"Nesterov momentum needs {key}.momentum > 0")
 
@@ -235,20 +238,22 @@ def memory_estimate(cfg: Config) -> float:
     pixels = math.prod(cfg.data.image_shape)
     latent = cfg.model.num_vars * (cfg.model.num_classes if cfg.model.latent.value == "categorical" else 1)
     widths = [pixels, *cfg.model.hidden, latent]
-    params = 2 * sum(a * b for a, b in zip(widths, widths[1:], strict=False))  # encoder and decoder
+    nets = max(2, getattr(cfg.task, "layers", 1))  # encoder and decoder, or the SBN's conditionals
+    params = nets * sum(a * b for a, b in zip(widths, widths[1:], strict=False))
     row = 2 * sum(widths)  # one example's activations through the encoder and the decoder
     samples = cfg.task.samples if cfg.task.objective.value == "iwae" else 1
     draws = getattr(cfg.estimator, "k", 1)
     diag_rows = (cfg.diag.draws + cfg.diag.max_codes) * cfg.diag.batch if cfg.diag.every else 0
     return (16.0 * params + 4.0 * cfg.train.batch_size * samples * (row + draws * latent)
             + 4.0 * max(cfg.eval.max_rows, cfg.eval.batch_size, diag_rows) * max(widths)
-            + 1.0 * (cfg.data.num_train + cfg.data.num_val) * pixels)
+            + 1.0 * cfg.data.bytes_needed())
 
 
 # The keys that size a run's allocations: the one whose own value makes a run too big is named.
 SIZE_KEYS = ("model.num_vars", "model.num_classes", "model.hidden", "data.image_shape", "train.batch_size",
-             "task.samples", "estimator.k", "eval.max_rows", "eval.batch_size", "data.num_train",
-             "data.num_val", "diag.draws", "diag.batch", "diag.max_codes")
+             "task.samples", "task.layers", "estimator.k", "eval.max_rows", "eval.batch_size",
+             "data.num_train", "data.num_val", "data.num_test", "data.patterns", "diag.draws", "diag.batch",
+             "diag.max_codes")
 
 
 def available_memory(device: torch.device) -> int:

@@ -48,6 +48,10 @@ class DataConfig:
         """(training images, test images) as uint8 rows of grey levels, on the CPU."""
         raise NotImplementedError
 
+    def bytes_needed(self) -> int:
+        """What loading the images takes (uint8): for the config's memory check."""
+        return (self.num_train + self.num_val) * self.num_pixels
+
     def check(self, key: str) -> None:
         require(len(self.image_shape) == 3 and all(n >= 1 for n in self.image_shape), f"{key}.image_shape",
                 list(self.image_shape), "[channels, height, width], each >= 1")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -19,14 +20,21 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """Call write(f) on a temporary file beside `path`, flush it to disk, then rename it to `path`.
 
     The temporary name is unique to this call, so two processes never write the same temporary
-    file, and it is removed if `write` fails (the previous `path`, if any, stays as it was).
+    file, and it is removed if `write` fails (the previous `path`, if any, stays as it was). A write
+    that fails is an OSError naming `path`: torch.save's writer reports a full disk as a RuntimeError
+    ("unexpected pos ..."), turned here into the OSError it is.
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would make results private to their writer
         with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
+            try:
+                write(f)
+                f.flush()
+            except RuntimeError as e:
+                full = os.statvfs(path.parent).f_bavail == 0
+                why = "No space left on device" if full else f"the write failed ({e})"
+                raise OSError(errno.ENOSPC if full else errno.EIO, why, str(path)) from e
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:

@@ -57,12 +57,18 @@ class OpenedRun:
 
 
 def finished_metrics(out_dir: Path, max_steps: int) -> dict[str, Any] | None:
-    """The metrics of a run in out_dir that completed max_steps, or None."""
+    """The metrics of a run in out_dir that completed max_steps, or None (a damaged metrics.json too:
+    the run's figures are then made again from its checkpoint)."""
     path = out_dir / "metrics.json"
     if not path.is_file():
         return None
-    metrics = json.loads(path.read_text())
-    return metrics if metrics.get("status") == "complete" and metrics["step"] >= max_steps else None
+    try:
+        metrics = json.loads(path.read_text())
+        done = metrics.get("status") == "complete" and metrics["step"] >= max_steps
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        log.warning("%s cannot be read (%s): the run's figures are made again from its checkpoint", path, e)
+        return None
+    return metrics if done else None
 
 
 def open_run(cfg: DictConfig, out_dir: Path) -> OpenedRun:

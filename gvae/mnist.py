@@ -224,6 +224,9 @@ class MNISTConfig(DataConfig):
                 f"{key}.num_train + {key}.num_val (={self.num_val}) must be <= {MNIST_TRAIN_IMAGES}, "
                 "MNIST's training images")
 
+    def bytes_needed(self) -> int:
+        return (MNIST_TRAIN_IMAGES + 10_000) * self.num_pixels  # every image is read
+
     def images(self) -> tuple[torch.Tensor, torch.Tensor]:
         root = prepare_mnist(self.root, self.download, list(self.mirrors))
         train = torchvision.datasets.MNIST(str(root), train=True, download=False).data

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gvae.checkpoint import check_compatible, load_checkpoint
+from gvae.checkpoint import check_compatible, load_checkpoint, load_fitting
 from gvae.config import Config, config_from_dict, container, validate
 from gvae.errors import ConfigError, GvaeError
 from gvae.roles import roles
@@ -116,6 +116,6 @@ def load_model(run_dir: Path, cfg: Config, device: torch.device) -> tuple[Task, 
     state = load_checkpoint(path)
     check_compatible(path, state["config"], container(cfg))
     model = build_task(cfg).to(device)
-    model.load_state_dict(state["model"])
+    load_fitting(model, state["model"], "model", str(path))
     model.eval()
     return model, int(state["step"]), state["sha256"]

@@ -33,6 +33,9 @@ class SyntheticConfig(DataConfig):
     noise: float = 0.02  # probability that a pixel is flipped
     seed: int = 0  # the patterns and the images
 
+    def bytes_needed(self) -> int:
+        return (self.num_train + self.num_val + self.num_test + self.patterns) * self.num_pixels
+
     def check(self, key: str) -> None:
         super().check(key)
         _, height, width = self.image_shape

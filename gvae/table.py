@@ -218,12 +218,24 @@ def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
+def read_yaml(path: Path, folder: Path) -> Any:
+    """A job's Hydra record (.hydra/*.yaml), or TableError naming the file."""
+    try:
+        return OmegaConf.load(path)
+    except Exception as e:  # noqa: BLE001  (yaml's and OmegaConf's errors alike: the file is damaged)
+        why = str(e).splitlines()[0] if str(e) else repr(e)
+        raise TableError(f"job {folder}: {path} cannot be read ({why}); its record is damaged") from None
+
+
 def job_record(folder: Path, sweep_name: str, sweep_dir: Path, halving: bool = False) -> dict[str, Any]:
-    overrides = [str(o) for o in OmegaConf.load(folder / ".hydra" / "overrides.yaml")]
+    overrides = [str(o) for o in read_yaml(folder / ".hydra" / "overrides.yaml", folder)]
     overrides = sorted(job_overrides(overrides)) if halving else overrides
-    cfg = OmegaConf.to_container(OmegaConf.load(folder / ".hydra" / "config.yaml"), resolve=True)
+    cfg = OmegaConf.to_container(read_yaml(folder / ".hydra" / "config.yaml", folder), resolve=True)
     # Typed (only the trainer's own keys: a sweep may add helper keys; defaults for keys added since).
-    schema = typed(cfg)
+    try:
+        schema = typed(cfg)
+    except GvaeError as e:
+        raise TableError(f"job {folder}: {folder / '.hydra' / 'config.yaml'}: {e}") from None
     flat = flatten(container(schema))
     status, error = run_status(folder)
     metrics = read_json(folder / "metrics.json") if status == "complete" else None

@@ -175,7 +175,7 @@ def test_misspelt_key_in_a_config_file_fails_naming_the_key(tmp_path):
         (["optim._target_=torch.optim.Foo"], "optim._target_='torch.optim.Foo' is not allowed: a torch"),
         (["optim._target_=torch.nn.Linear"], "optim._target_='torch.nn.Linear' is not allowed: a torch"),
         (["optim.betas=[2,3]"], "optim.betas=[2.0, 3.0] is not allowed: two numbers in [0, 1)"),
-        (["optim=sgd", "optim.momentum=-1"], "optim.momentum=-1.0 is not allowed: must be >= 0"),
+        (["optim=sgd", "optim.momentum=-1"], "optim.momentum=-1.0 is not allowed: must be in [0, 1)"),
         (["device=tpu"], "device='tpu' is not allowed: one of auto, cpu, cuda, cuda:N"),
         (["device=mps"], "device='mps' is not allowed: one of auto, cpu, cuda, cuda:N"),
         (["data.num_val=20000"], "data.num_train + data.num_val (=20000) must be <= 60000"),

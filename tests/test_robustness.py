@@ -4,8 +4,10 @@ nothing, and every failure of a run ending with one message, a status and failed
 from __future__ import annotations
 
 import errno
+import io
 import json
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -13,11 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import gvae.checkpoint
 import gvae.engine
+import gvae.files
 import gvae.train
 import gvae.trainer
-from gvae.errors import Interrupted, Stopped
+from gvae.checkpoint import load_checkpoint
+from gvae.errors import GvaeError, Interrupted, Stopped
 from gvae.run_folder import describe_failure
 from tests.conftest import SYNTHETIC, gvae_train
 
@@ -145,6 +151,35 @@ def test_a_full_disk_at_a_checkpoint_fails_with_one_message_and_a_record(tmp_pat
     assert no_temporary_files(run)
 
 
+def test_torch_saves_report_of_a_full_disk_ends_the_run_with_one_message_and_resumes_exactly(tmp_path,
+                                                                                              monkeypatch):
+    """torch.save's writer reports a full disk as a RuntimeError ("unexpected pos ..."), which ended
+    runs with two tracebacks: here it is the file system error it is, the previous checkpoint is kept,
+    and the run resumed from it ends where a straight run ends."""
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    args = [*SYNTHETIC, "train.ckpt_every=20", "train.max_steps=40"]
+    assert run_main([*args, f"hydra.run.dir={straight}"], monkeypatch) == 0
+    real_save, calls = torch.save, []
+
+    def fills_the_disk(obj, f, *a, **k):
+        calls.append(not isinstance(f, io.BytesIO))  # the envelope's write into the file
+        if sum(calls) == 2:  # the second checkpoint: a disk full mid-write, as torch reports it
+            f.write(b"partial")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(gvae.checkpoint.torch, "save", fills_the_disk)
+    monkeypatch.setattr(gvae.files.os, "statvfs", lambda p: type("S", (), {"f_bavail": 0})())
+    assert run_main([*args, f"hydra.run.dir={run}"], monkeypatch) == 1
+    failed = json.loads((run / "failed.json").read_text())
+    assert "No space left on device" in failed["error"] and no_temporary_files(run)
+    monkeypatch.undo()
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 20
+    assert run_main([*args, f"hydra.run.dir={run}", "train.resume=true"], monkeypatch) == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (run, straight))
+    assert a["val_curve"] == b["val_curve"] and a["test_bound"] == b["test_bound"]
+
+
 @pytest.mark.parametrize("where", ["start-up", "final evaluation"])
 def test_an_interrupt_outside_the_training_loop_ends_with_a_record(tmp_path, monkeypatch, where):
     run = tmp_path / "run"
@@ -267,3 +302,39 @@ def test_resume_and_overwrite_together_are_refused_at_start_up(tmp_path, monkeyp
 
     with pytest.raises(ConfigError, match="train.overwrite=True is not allowed: train.resume=true continues"):
         validate(compose_config([*SYNTHETIC, "train.resume=true", "train.overwrite=true"]))
+
+
+def test_a_checkpoint_whose_tensors_do_not_fit_the_model_is_named_in_train_eval_and_sample(tmp_path,
+                                                                                         monkeypatch):
+    """Its checksum valid and its config the run's, but a tensor of another shape: every reader ends with
+    one message naming the file, not a traceback from load_state_dict."""
+    from gvae.checkpoint import save_checkpoint
+    from gvae.evaluation import evaluate_run
+    from gvae.sample import sample_pictures
+
+    run = tmp_path / "run"
+    args = [*SYNTHETIC, "train.max_steps=20", f"hydra.run.dir={run}"]
+    assert run_main(args, monkeypatch) == 0
+    path = run / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    name = next(iter(state["model"]))
+    state["model"][name] = torch.zeros(3, 3)
+    save_checkpoint(path, {k: v for k, v in state.items() if k not in ("sha256", "path")})
+    expected = f"{path}: its model does not fit this run's (Error(s) in loading state_dict for VAE: size"
+    for read in (lambda: evaluate_run(run, []), lambda: sample_pictures(run, tmp_path / "pictures")):
+        with pytest.raises(GvaeError, match=re.escape(expected)):
+            read()
+    assert run_main([*args, "train.max_steps=40", "train.resume=true"], monkeypatch) == 1
+    assert expected in json.loads((run / "failed.json").read_text())["error"]
+
+
+def test_a_finished_job_with_a_truncated_metrics_json_is_evaluated_again_on_resume(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    args = [*SYNTHETIC, "train.max_steps=20", f"hydra.run.dir={run}"]
+    assert run_main(args, monkeypatch) == 0
+    good = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text((run / "metrics.json").read_text()[:50])  # cut short
+    assert run_main([*args, "train.resume=true"], monkeypatch) == 0
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["step"] == 20 and again["test_bound"] == good["test_bound"]
+    assert again["val_curve"] == good["val_curve"]

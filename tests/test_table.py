@@ -307,3 +307,15 @@ def test_a_table_refuses_test_figures_of_an_earlier_state_than_its_selection(tmp
         paper_table.job_record(run, "sweep", run.parent)
     assert gvae_eval([str(run), "eval.num_samples=2"]) == 0  # a new state: evaluated again, not skipped
     assert paper_table.job_record(run, "sweep", run.parent)["eval"]["step"] == 40
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [": [unclosed", "estimator:\n  name: no_such_estimator\n"])
+def test_a_damaged_hydra_record_is_named_not_a_traceback(tiny_sweep, tmp_path, damage):
+    sweep = shutil.copytree(tiny_sweep, tmp_path / "sweep")
+    (sweep / "0" / ".hydra" / "config.yaml").write_text(damage)
+    with pytest.raises(paper_table.TableError, match=r"job .*0: .*config.yaml"):
+        paper_table.job_record(sweep / "0", "sweep", sweep)
+    command = [sys.executable, "-m", "gvae.table", "record", str(sweep), "--out", str(tmp_path / "o")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and "config.yaml" in result.stderr
