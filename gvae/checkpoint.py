@@ -28,15 +28,19 @@ KEYS = ("model", "estimator", "optimizer", "sampler", "rng", "step", "val_nelbo_
 
 def state(model: torch.nn.Module, estimator: torch.nn.Module, optimizer: torch.optim.Optimizer,
           sampler: BatchSampler, device: torch.device, step: int, val_nelbo_best: float,
-          val_curve: list[list[float]], config: dict[str, Any], wall_seconds: float = 0.0) -> dict[str, Any]:
-    """Everything a resumed run needs to continue exactly: one dict."""
+          val_curve: list[list[float]], config: dict[str, Any], wall_seconds: float = 0.0,
+          train_sums: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a resumed run needs to continue exactly: one dict. `train_sums`: the training figures
+    summed since the last log and over the last epoch, so that a resumed run's records are a straight
+    run's (its first log averages the whole interval; the last epoch's mean survives the resume)."""
     rng = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return {"model": model.state_dict(), "estimator": estimator.state_dict(),
             "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "rng": rng, "step": step,
             "val_nelbo_best": val_nelbo_best, "val_curve": val_curve, "config": config,
-            "wall_seconds": wall_seconds}  # the run's time so far, over every process that trained it
+            "wall_seconds": wall_seconds,  # the run's time so far, over every process that trained it
+            **({"train_sums": train_sums} if train_sums is not None else {})}
 
 
 def load_fitting(module: Any, state: dict[str, Any], what: str, path: str = "the checkpoint") -> None:

@@ -155,11 +155,17 @@ def train(engine: Engine, runs: list[Run], on_failure: Callable[[Run, NonFiniteE
     def checkpoint() -> None:
         check_finite()  # never replace a good checkpoint with a diverged run
         engine.sync_to_runs()
-        for run in active():
+        for s, run in enumerate(runs):
+            if run.failure is not None:
+                continue
             p = run.parts
             run.ckpt_path.parent.mkdir(exist_ok=True)
+            sums = None if running is None else {
+                "names": list(running.names), "running": running.values[:, s].cpu(), "since_log": since_log,
+                "last_epoch": last_epoch.values[:, s].cpu(), "epoch_seen": epoch_seen}
+            wall = run.wall_before + time.perf_counter() - t_start
             state = ckpt.state(p.model, p.estimator, p.optimizer, p.sampler, device, step, run.best_val,
-                               run.val_curve, run.config, run.wall_before + time.perf_counter() - t_start)
+                               run.val_curve, run.config, wall, sums)
             run.ckpt_digest = ckpt.save_checkpoint(run.ckpt_path, state)
             run.ckpt_step = step
 
@@ -185,11 +191,23 @@ def train(engine: Engine, runs: list[Run], on_failure: Callable[[Run, NonFiniteE
     log.info("device %s, step mode %s, %d parameters, %s %s", device, engine.mode,
              sum(p.numel() for p in task.parameters()), engine.describe(),
              ", ".join(str(r.out_dir) for r in runs))
-    running: TrainStats | None = None  # sums since the last log, made at the first step
-    # The training -ELBO averaged over the last epoch (the ReinMax benchmark's metric).
+    # The training figures summed since the last log, and over the last epoch (its -ELBO's mean is the
+    # ReinMax benchmark's metric); made at the first step, or restored from the checkpoints, so that a
+    # resumed run logs and reports what a straight run does.
+    running: TrainStats | None = None
     last_epoch: TrainStats | None = None
     last_epoch_from = max_steps - runs[0].parts.sampler.batches_per_epoch
-    first_step, since_log = step, 0
+    since_log = epoch_seen = 0  # steps in those sums
+    sums = [run.saved.get("train_sums") if run.saved else None for run in runs]
+    if all(sums):  # (a checkpoint before 2026-12-07 has none: its last epoch's mean is then not reported)
+        names = tuple(sums[0]["names"])
+
+        def restored(part: str) -> TrainStats:
+            return TrainStats(names, torch.stack([torch.as_tensor(x[part]) for x in sums], 1).to(device))
+
+        running, last_epoch = restored("running"), restored("last_epoch")
+        since_log, epoch_seen = sums[0]["since_log"], sums[0]["epoch_seen"]
+    here = 0  # steps of this process since the last log: its speed
     train_seconds, steps_this_run = 0.0, 0
     t_start = t_log = time.perf_counter()
     bar = tqdm(total=max_steps, initial=step, disable=None, dynamic_ncols=True, unit="step")
@@ -208,14 +226,16 @@ def train(engine: Engine, runs: list[Run], on_failure: Callable[[Run, NonFiniteE
                 running.add_(stats)
                 if step >= last_epoch_from:
                     last_epoch.add_(stats)
+                    epoch_seen += 1
                 step += 1
                 since_log += 1
+                here += 1
 
                 if step % log_every == 0 or step == max_steps:
                     means = running.means(since_log)  # the one sync per interval
                     now = time.perf_counter()
                     train_seconds += now - t_log
-                    steps_this_run += since_log
+                    steps_this_run += here
                     check_finite()
                     for s, run in enumerate(runs):
                         if run.failure is not None:
@@ -224,12 +244,12 @@ def train(engine: Engine, runs: list[Run], on_failure: Callable[[Run, NonFiniteE
                             run.writer.add_scalar(tag, means[name][s], step)
                         run.writer.add_scalar("train/tau", run.tau_now, step)
                         run.writer.add_scalar("train/lr", engine.lr(s), step)
-                        run.writer.add_scalar("perf/steps_per_sec", since_log / (now - t_log), step)
+                        run.writer.add_scalar("perf/steps_per_sec", here / (now - t_log), step)
                     bar.set_postfix(loss=f"{means['nelbo'][0]:.2f}", tau=f"{runs[0].tau_now:.3f}",
                                     val=f"{runs[0].last_val:.2f}")
-                    bar.update(since_log)
+                    bar.update(here)
                     running.values.zero_()
-                    since_log = 0
+                    since_log = here = 0
                     t_log = time.perf_counter()
 
                 if step % eval_every == 0 or step == max_steps:
@@ -258,7 +278,8 @@ def train(engine: Engine, runs: list[Run], on_failure: Callable[[Run, NonFiniteE
         results: list[dict[str, Any] | NonFiniteError] = []
         engine.sync_to_runs()
         epoch_steps = min(max_steps, runs[0].parts.sampler.batches_per_epoch)
-        epoch_means = last_epoch.means(epoch_steps)["nelbo"] if last_epoch is not None else None
+        epoch_means = (last_epoch.means(epoch_steps)["nelbo"] if last_epoch is not None
+                       and epoch_seen == epoch_steps else None)
         for s, run in enumerate(runs):
             if run.failure is not None:
                 results.append(run.failure)
@@ -266,7 +287,7 @@ def train(engine: Engine, runs: list[Run], on_failure: Callable[[Run, NonFiniteE
             results.append(finish(run, engine, step,
                                   steps_this_run / train_seconds if train_seconds else float("nan"),
                                   time.perf_counter() - t_start,
-                                  epoch_means[s] if epoch_means and first_step <= last_epoch_from else None))
+                                  epoch_means[s] if epoch_means else None))
         return results
     finally:
         bar.close()

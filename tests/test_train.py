@@ -405,3 +405,44 @@ def test_a_run_trained_on_the_k_sample_bound_logs_it_and_reports_the_same_test_f
     bound = [e.value for e in events.Scalars("train/bound")]
     loss = [e.value for e in events.Scalars("train/loss")]
     assert len(bound) == len(loss) == 4 and bound != loss and all(map(math.isfinite, bound))
+
+
+TIMING = ("steps_per_sec", "wall_seconds", "checkpoint_sha256")  # the clock's, and the checkpoint holding it
+
+
+def every_scalar(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every TensorBoard scalar of a run but the speed, as (step, value) lists."""
+    events = read_events(run_dir)
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+            if not tag.startswith("perf/")}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["alone", "packed"])
+def test_a_run_killed_mid_log_interval_and_resumed_has_a_straight_runs_records(tmp_path, monkeypatch, packed):
+    """Killed (no checkpoint at the kill) at step 25, its last checkpoint at step 15, halfway through a
+    log interval: resumed, every key of metrics.json (train_nelbo_last_epoch included, the run being one
+    epoch) and every TensorBoard scalar equal a straight run's, the clock's figures aside."""
+    from gvae.jobs import train_runs
+
+    cfgs = [[*SYNTHETIC, "train.ckpt_every=15", f"seed={s}"] for s in (range(2) if packed else [0])]
+
+    def folders(name: str) -> list[Path]:
+        return [tmp_path / name / str(i) for i in range(len(cfgs))]
+
+    train_runs([compose_config(c) for c in cfgs], folders("straight"))
+
+    def crash(n, run):
+        if n == 25:
+            raise RuntimeError("killed")
+
+    with_step_hook(monkeypatch, crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        train_runs([compose_config(c) for c in cfgs], folders("killed"))
+    monkeypatch.undo()
+    assert load_checkpoint(folders("killed")[0] / "checkpoints" / "last.pt")["step"] == 15
+    train_runs([compose_config([*c, "train.resume=true"]) for c in cfgs], folders("killed"))
+    for straight, resumed in zip(folders("straight"), folders("killed"), strict=True):
+        a, b = (json.loads((d / "metrics.json").read_text()) for d in (straight, resumed))
+        assert "train_nelbo_last_epoch" in a
+        assert {k: a[k] for k in a if k not in TIMING} == {k: b[k] for k in b if k not in TIMING}
+        assert every_scalar(straight) == every_scalar(resumed)
