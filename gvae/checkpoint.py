@@ -189,6 +189,7 @@ def check_compatible(path: Path, saved: dict[str, Any], config: dict[str, Any]) 
         details = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in differ)
         raise CheckpointError(
             f"{path} was written by a different configuration ({details}). Resume with the "
-            "checkpoint's values, or start a new run folder (another hydra.run.dir)."
+            "checkpoint's values, or start a new run folder (another hydra.run.dir, or hydra.sweep.dir for "
+            "a sweep)."
         )
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from gvae.config import config_path, import_extensions, register_configs
 from gvae.errors import GvaeError, Stopped
-from gvae.jobs import Job, command_line_settings, train_jobs
+from gvae.jobs import Job, command_line_settings, sweep_job_folder, train_jobs
 from gvae.run_folder import signals_raise_stopped
 from hydra_plugins.gvae_plugins.packed_launcher import PackedLauncher
 from hydra_plugins.gvae_plugins.rows_sweeper import RowsSweeper
@@ -45,9 +45,12 @@ def main(cfg: DictConfig) -> float:
     (gvae/jobs.py); every failure ends in one message, a non-zero status and, once the run owns
     the folder, failed.json."""
     hydra_cfg = HydraConfig.get()
-    job_num = hydra_cfg.job.num if hydra_cfg.mode == RunMode.MULTIRUN else None
-    job = Job(Path(hydra_cfg.runtime.output_dir), cfg, hydra_cfg, hydra_cfg.job.name,
-              command_line_settings(cfg), job_num)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    job_num = hydra_cfg.job.num if multirun else None
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    if multirun:  # found by its settings, not its number
+        out_dir = sweep_job_folder(out_dir, list(hydra_cfg.overrides.task))
+    job = Job(out_dir, cfg, hydra_cfg, hydra_cfg.job.name, command_line_settings(cfg), job_num)
     with signals_raise_stopped(), ExitStack() as stack:
         try:
             if not job.accept(stack):  # finished before: nothing in its folder changes

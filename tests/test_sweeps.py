@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from tests.conftest import SYNTHETIC, gvae_train
@@ -43,3 +44,25 @@ def test_a_small_optuna_study_finishes_and_reports_its_best_trial(tmp_path):
     assert len(jobs) == 3
     assert best.best_value == pytest.approx(min(m["val_nelbo_best"] for m in jobs))  # validation, not test
     assert {"optim.lr", "schedule.rate", "schedule.every"} <= set(best.best_params)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=packed"]], ids=["basic", "packed"])
+def test_a_sweep_extended_in_place_trains_only_its_new_jobs(tmp_path, launcher):
+    """seed=0,1 then seed=0,1,2 in the same folder with train.resume=true: Hydra numbers the jobs
+    anew (the learning rate is the outer key, so every old job but the first moves), yet each job finds
+    the folder of its settings: the four old ones untouched, the two new ones trained, nothing refused."""
+    sweep = tmp_path / "sweep"
+    base = ["-m", *launcher, *SYNTHETIC, "train.max_steps=10", "train.eval_every=10", "train.ckpt_every=10",
+            "eval.images=false", "optim.lr=1e-3,2e-3", f"hydra.sweep.dir={sweep}"]
+    assert gvae_train([*base, "seed=0,1"], tmp_path).returncode == 0
+    before = {p.name: (p / "metrics.json").read_bytes() for p in sweep.iterdir() if p.is_dir()}
+    assert len(before) == 4
+    result = gvae_train([*base, "seed=0,1,2", "train.resume=true"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:]
+    folders = [p for p in sweep.iterdir() if p.is_dir()]
+    assert len(folders) == 6
+    assert {p.name: (p / "metrics.json").read_bytes() for p in folders if p.name in before} == before
+    settings = [frozenset(o for o in yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())
+                          if not o.startswith("train.resume")) for p in folders]
+    assert len(set(settings)) == 6  # one folder per job

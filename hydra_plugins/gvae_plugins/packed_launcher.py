@@ -31,7 +31,7 @@ from omegaconf import DictConfig, open_dict
 
 from gvae.engine import pack_key
 from gvae.errors import Interrupted, NonFiniteError, Stopped
-from gvae.jobs import Job, command_line_settings, train_jobs
+from gvae.jobs import Job, command_line_settings, sweep_job_folder, train_jobs
 from gvae.nets import Net
 from gvae.run_folder import describe_failure, signals_raise_stopped
 
@@ -84,7 +84,9 @@ class PackedLauncher(Launcher):
         found: dict[str, Any] = {}
 
         def prepare(cfg: DictConfig) -> None:
-            found.update(out_dir=Path(HydraConfig.get().runtime.output_dir),
+            hydra_cfg = HydraConfig.get()  # the job's folder found by its settings, not its number
+            found.update(out_dir=sweep_job_folder(Path(hydra_cfg.runtime.output_dir),
+                                                  list(hydra_cfg.overrides.task)),
                          settings=command_line_settings(cfg))
 
         ret = run_job(hydra_context=self.hydra_context, task_function=prepare, config=sweep_config,
