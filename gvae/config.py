@@ -305,9 +305,12 @@ def import_extensions() -> None:
 
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore, and the help's resolvers in OmegaConf (idempotent).
-    The estimators' and the tasks' schemas are stored by their @register and @register_task."""
+    The tasks' schemas are stored by their @register_task; the estimators' here, so that gvae.estimators
+    needs no Hydra (every one registered by now: gvae's, and yours imported through $GVAE_IMPORT)."""
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
+    for name, cls in ESTIMATORS.items():
+        cs.store(group="estimator", name=f"{name}_schema", node=cls.config)
     for group, options in (("data", DATASETS), ("schedule", SCHEDULES),
                            ("optim", {"adam": AdamConfig, "sgd": SGDConfig})):
         for name, node in options.items():

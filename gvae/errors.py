@@ -5,8 +5,6 @@ from __future__ import annotations
 import signal
 from typing import Any
 
-from hydra.errors import CompactHydraException
-
 
 class GvaeError(RuntimeError):
     """Base class: the message says what went wrong and what to do."""
@@ -49,10 +47,6 @@ class Stopped(BaseException):
 
     def __reduce__(self):  # its args hold the signal's name, __init__ takes its number
         return type(self), (self.signum,)
-
-
-class JobFailed(CompactHydraException):
-    """A multirun job's failure as one line, which Hydra prints instead of a traceback."""
 
 
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:

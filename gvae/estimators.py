@@ -1,5 +1,8 @@
 """Gradient estimators for discrete latents, behind one interface, each with its typed options.
 
+Importable with torch alone (no Hydra, no trainer): gvae/api.py is the public way in for your own
+model. The trainer's configs name these schemas through Hydra (gvae.config.register_configs).
+
 An estimator gets a stochastic layer's logits (the VAE's encoder's), the temperature and `f`, the
 per-example loss as a function of a code (the VAE's reconstruction NLL; for a deeper layer of the
 SBN, the rest of the network, gvae/tasks/sbn.py). It returns a surrogate whose mean has the
@@ -15,7 +18,7 @@ any imported module) and one configs/estimator/NAME.yaml:
     class Mine(Estimator): ...                # self.cfg is a MyConfig
 
 and the YAML holds `defaults: [mine_schema, _self_]` (Hydra's structured-config schema pattern:
-`register` stores MyConfig in Hydra's ConfigStore as estimator/mine_schema).
+gvae.config.register_configs stores MyConfig in Hydra's ConfigStore as estimator/mine_schema).
 """
 
 from __future__ import annotations
@@ -26,8 +29,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
 from torch import nn
 
 from gvae.errors import require
@@ -42,7 +43,7 @@ LossFn = Callable[[torch.Tensor], torch.Tensor]
 class EstimatorConfig:
     """Base schema of the `estimator` group: the registered name; subclasses add their options."""
 
-    name: str = MISSING
+    name: str = "???"  # Hydra's MISSING: a schema's name is its option's
     latents: ClassVar[tuple[str, ...]] = ("categorical", "bernoulli")  # the latent types it is defined for
     other_latents_hint: ClassVar[str] = ""
     uses_temperature: ClassVar[bool] = False  # whether the schedule's tau changes its gradient
@@ -90,14 +91,13 @@ ESTIMATORS: dict[str, type[Estimator]] = {}
 
 
 def register(config: type[EstimatorConfig]):
-    """Class decorator: make an estimator selectable as `estimator=NAME`, NAME its config's name,
-    with `config` as its typed options (stored as estimator/NAME_schema for its YAML to name)."""
+    """Class decorator: make an estimator known by its config's name (gvae.api.estimator(NAME), and
+    `estimator=NAME` in the trainer's configs), with `config` as its typed options."""
     name = config.name
 
     def add(cls: type[Estimator]) -> type[Estimator]:
         ESTIMATORS[name] = cls
         cls.name, cls.config = name, config
-        ConfigStore.instance().store(group="estimator", name=f"{name}_schema", node=config)
         return cls
 
     return add
@@ -958,6 +958,4 @@ def build_estimator(cfg: EstimatorConfig, latent: Latent,
                     runs: list[EstimatorConfig] | None = None) -> Estimator:
     """The estimator that `cfg` (its typed options) names, for `latent`; for packed runs, `runs`
     holds each run's options."""
-    if OmegaConf.is_config(cfg):  # a composed node, not yet turned into its dataclass
-        cfg = OmegaConf.to_object(cfg)
     return ESTIMATORS[cfg.name](latent, cfg, runs)

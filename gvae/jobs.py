@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from gvae import checkpoint as ckpt
 from gvae.config import Config, container, validate
 from gvae.engine import build_engine
-from gvae.errors import GvaeError, JobFailed, NonFiniteError
+from gvae.errors import GvaeError, NonFiniteError
 from gvae.run_folder import (
     RunExists,
     RunFolder,
@@ -38,6 +39,10 @@ from gvae.trainer import Run
 from gvae.trainer import train as train_loop
 
 log = logging.getLogger(__name__)
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job's failure as one line, which Hydra prints instead of a traceback."""
 
 
 @dataclass

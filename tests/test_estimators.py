@@ -19,6 +19,7 @@ import torch
 import torch._inductor.config
 import torch.nn.functional as F
 
+from gvae import api
 from gvae.config import validate
 from gvae.engine import build_engine
 from gvae.errors import ConfigError
@@ -49,9 +50,9 @@ COMBINATIONS = [(name, latent) for name in sorted(ESTIMATORS) for latent in MODE
 
 
 def make(name: str, latent: Latent, **options) -> Estimator:
-    """The estimator `name` with its default options, or these."""
-    cls = ESTIMATORS[name]
-    return cls(latent, cls.config(**options))
+    """The estimator `name` with its default options, or these, through the public API (gvae.api):
+    what these tests check is what a user's own model gets."""
+    return api.estimator(name, latent, **options)
 
 
 class Problem:
@@ -814,7 +815,7 @@ def test_normalization_scales_the_kl_gradient_of_the_encoder_too(name, latent):
     # Mnih & Gregor normalize a learning signal that includes the KL terms: the encoder's whole
     # gradient is scaled. Here: f = 0 leaves only the analytic KL, whose gradient must come out
     # multiplied by the scale (per variable for DARN), and the decoder's gradient untouched.
-    cfg = compose_config([*MODELS[latent], "model.hidden=[16]", *estimator_overrides(name)])
+    cfg = validate(compose_config([*MODELS[latent], "model.hidden=[16]", *estimator_overrides(name)]))
     model = VAE(cfg.model, cfg.data.image_shape)
     estimator = build_estimator(cfg.estimator, model.latent)
     scale = fixed_normalization(estimator, baseline=0.0, var=16.0)
