@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 
-def _run(module: str) -> None:
+def _run(module: str, function: str = "main") -> None:
     try:
-        status = importlib.import_module(module).main()
+        status = getattr(importlib.import_module(module), function)()
     except KeyboardInterrupt:
         sys.stderr.write(f"{Path(sys.argv[0]).name}: interrupted\n")
         raise SystemExit(130) from None
@@ -22,7 +22,7 @@ def _run(module: str) -> None:
 
 
 def train() -> None:
-    _run("gvae.train")
+    _run("gvae.train", "cli")
 
 
 def evaluate() -> None:

@@ -33,14 +33,15 @@ from omegaconf.errors import OmegaConfBaseException
 from gvae.data import DataConfig
 from gvae.errors import ConfigError, require
 from gvae.estimators import ESTIMATORS, EstimatorConfig, estimator_help
-from gvae.mnist import MNISTConfig
+from gvae.mnist import FashionMNISTConfig, KMNISTConfig, MNISTConfig
 from gvae.model import ModelConfig
 from gvae.roles import CADENCE, DEVICE, EVALUATION, EXECUTION, LENGTH, SEED, per_run, role_field, roles
 from gvae.schedules import SCHEDULES, ScheduleConfig
 from gvae.synthetic import SyntheticConfig
 from gvae.tasks import TASKS, TaskConfig
 
-DATASETS = {"mnist": MNISTConfig, "synthetic": SyntheticConfig}
+DATASETS = {"mnist": MNISTConfig, "fashion_mnist": FashionMNISTConfig, "kmnist": KMNISTConfig,
+            "synthetic": SyntheticConfig}
 
 
 class Precision(str, Enum):

@@ -116,6 +116,7 @@ class Estimator(nn.Module):
     config: type[EstimatorConfig]
     objectives: ClassVar[tuple[str, ...]] = ("elbo",)  # the task objectives it trains (task.objective)
     whole_path: ClassVar[bool] = False  # its learning signal belongs to a whole sampled path (VIMCO)
+    compilable: bool = True  # whether torch.compile can run its step (it cannot differentiate twice)
 
     def __init__(self, latent: Latent, cfg: EstimatorConfig, runs: list[EstimatorConfig] | None = None):
         super().__init__()
@@ -725,17 +726,13 @@ class REBAR(Estimator):
     def control_parameters(self) -> list[nn.Parameter]:
         return list(self.parameters())
 
-    def forward(self, logits, tau, f):
+    @property
+    def compilable(self) -> bool:
         # torch.compile cannot differentiate its graphs twice (aot_autograd), as learning the control
-        # variate does: then the estimator runs eagerly inside a compiled step.
-        return self.eager_estimate(logits, f) if self.learned else self.estimate(logits, f)
+        # variate does: the compile modes then run the step eagerly (gvae/step.py).
+        return not self.learned
 
-    @torch.compiler.disable
-    def eager_estimate(self, logits: torch.Tensor, f: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.estimate(logits, f)
-
-    def estimate(self, logits: torch.Tensor, f: LossFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """(surrogate, value): the docstring's estimator, and with `learned` the variance's step."""
+    def forward(self, logits, tau, f):
         latent = self.latent
         perturbed = logits + latent.noise(logits)
         b = latent.harden(perturbed).detach()

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from gvae import checkpoint as ckpt
@@ -27,6 +26,7 @@ from gvae.config import Config, container, validate
 from gvae.engine import build_engine
 from gvae.errors import GvaeError, NonFiniteError
 from gvae.run_folder import (
+    JobFailed,
     RunExists,
     RunFolder,
     clear_outputs,
@@ -39,10 +39,6 @@ from gvae.trainer import Run
 from gvae.trainer import train as train_loop
 
 log = logging.getLogger(__name__)
-
-
-class JobFailed(CompactHydraException):
-    """A multirun job's failure as one line, which Hydra prints instead of a traceback."""
 
 
 @dataclass
@@ -109,44 +105,6 @@ def replace_outputs(opened: OpenedRun) -> None:
     if opened.replaces is not None:
         log.warning("%s: replacing %s (train.overwrite=true)", opened.out_dir, opened.replaces)
         clear_outputs(opened.out_dir)
-
-
-# What does not make a sweep's job another job: resuming it, replacing it, where Hydra puts it.
-NOT_SETTINGS = ("train.resume", "train.overwrite", "hydra.")
-
-
-def job_settings(overrides: list[str]) -> frozenset[str]:
-    return frozenset(o for o in overrides if not o.lstrip("+~").startswith(NOT_SETTINGS))
-
-
-def sweep_job_folder(assigned: Path, overrides: list[str]) -> Path:
-    """A sweep's job's folder, found by its settings: Hydra numbers jobs by their place in the grid,
-    which moves when values are added to a swept key, so the folder already holding a run of these
-    settings is the job's; else the folder Hydra assigned, unless it holds another job's run, and then
-    the next free number. A sweep that sets its jobs' folders itself (hydra.sweep.subdir, as a
-    halving's rungs do) keeps them."""
-    if any(o.startswith("hydra.sweep.subdir=") for o in overrides) or not assigned.parent.is_dir():
-        return assigned
-    wanted, numbered = job_settings(overrides), []
-    for folder in assigned.parent.iterdir():
-        record = folder / ".hydra" / "overrides.yaml"
-        if folder.name.isdigit():
-            numbered.append(int(folder.name))
-        if record.is_file():
-            try:
-                if job_settings([str(o) for o in OmegaConf.load(record)]) == wanted:
-                    return folder
-            except Exception:  # noqa: BLE001  (a damaged record is not this job's: the job's own run reads it)
-                continue
-    if not (assigned / ".hydra" / "overrides.yaml").is_file():
-        return assigned
-    number = max(numbered, default=-1) + 1
-    while True:  # reserved by making it (jobs prepared together must not pick the same number)
-        try:
-            (assigned.parent / str(number)).mkdir()
-            return assigned.parent / str(number)
-        except FileExistsError:
-            number += 1
 
 
 def command_line_settings(cfg: DictConfig) -> dict[str, Any]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
-from torchvision.utils import make_grid
 
 
 def grid(images: torch.Tensor, shape: tuple[int, ...], nrow: int) -> torch.Tensor:
     """Rows of pixels as a grid of images of `shape`, nrow per row, on grey padding."""
+    # Imported here: torchvision brings its models and ops, seconds at start-up that only pictures need.
+    from torchvision.utils import make_grid
+
     return make_grid(images.float().view(-1, *shape).cpu(), nrow=nrow, pad_value=0.5)
 
 

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from gvae.errors import GvaeError, Interrupted, Stopped
@@ -52,6 +53,10 @@ def logging_to(path: Path) -> Iterator[None]:
 
 class FolderBusy(GvaeError):
     """Another live process holds the run folder; the message names the folder and the holder."""
+
+
+class JobFailed(CompactHydraException):
+    """A multirun job's failure as one line, which Hydra prints instead of a traceback."""
 
 
 class RunExists(GvaeError):
@@ -144,6 +149,50 @@ class RunFolder:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+# What does not make a sweep's job another job: resuming it, replacing it, where Hydra puts it.
+NOT_SETTINGS = ("train.resume", "train.overwrite", "hydra.")
+
+
+def job_settings(overrides: list[str]) -> frozenset[str]:
+    return frozenset(o for o in overrides if not o.lstrip("+~").startswith(NOT_SETTINGS))
+
+
+def sweep_job_folder(assigned: Path, overrides: list[str]) -> Path:
+    """A sweep's job's folder, found by its settings: Hydra numbers jobs by their place in the grid,
+    which moves when values are added to a swept key, so the folder already holding a run of these
+    settings is the job's; else the folder Hydra assigned, unless it holds another job's run, and then
+    the next free number. A sweep that sets its jobs' folders itself (hydra.sweep.subdir, as a
+    halving's rungs do) keeps them."""
+    if any(o.startswith("hydra.sweep.subdir=") for o in overrides) or not assigned.parent.is_dir():
+        return assigned
+    wanted, numbered = job_settings(overrides), []
+    for folder in assigned.parent.iterdir():
+        record = folder / ".hydra" / "overrides.yaml"
+        if folder.name.isdigit():
+            numbered.append(int(folder.name))
+        if record.is_file():
+            try:
+                if job_settings([str(o) for o in OmegaConf.load(record)]) == wanted:
+                    return folder
+            except Exception:  # noqa: BLE001  (a damaged record is not this job's: the job's own run reads it)
+                continue
+    if not (assigned / ".hydra" / "overrides.yaml").is_file():
+        return assigned
+    number = max(numbered, default=-1) + 1
+    while True:  # reserved by making it (jobs prepared together must not pick the same number)
+        try:
+            (assigned.parent / str(number)).mkdir()
+            return assigned.parent / str(number)
+        except FileExistsError:
+            number += 1
+
+
+def remove_if_empty(path: Path) -> None:
+    """Remove a run folder that holds nothing (Hydra makes the folder before the run is checked)."""
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
 
 
 # -----------------------------------------------------------------------------

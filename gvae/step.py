@@ -72,7 +72,10 @@ def make_train_step(
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False):
             return model.training_loss(estimator, x, tau)
 
-    if mode in (StepMode.compile, StepMode.compile_graph):
+    # An estimator that differentiates twice (a learned control variate) runs eagerly: torch.compile
+    # cannot (the graph modes still capture the eager step).
+    if mode in (StepMode.compile, StepMode.compile_graph) and all(
+            getattr(m, "compilable", True) for m in estimator.modules()):
         loss_and_stats = torch.compile(loss_and_stats)
 
     def train_step(images: torch.Tensor) -> TrainStats:

@@ -2,11 +2,15 @@
 
 The entry point and nothing else: importing it makes your own estimators ($GVAE_IMPORT) and gvae's
 schemas and Hydra plugins known, the only module of gvae that acts at import. A run's lifecycle is
-gvae/jobs.py's, its loop gvae/trainer.py's.
+gvae/jobs.py's, its loop gvae/trainer.py's: imported once a run's config is valid, so that `--help`,
+`--cfg` and a config error cost about an `import torch` (scripts/startup_time.py measures them).
 """
 
 from __future__ import annotations
 
+import logging
+import string
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -14,14 +18,15 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.plugins import Plugins
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from gvae.config import config_path, import_extensions, register_configs
-from gvae.errors import GvaeError, Stopped
-from gvae.jobs import Job, command_line_settings, sweep_job_folder, train_jobs
-from gvae.run_folder import signals_raise_stopped
+from gvae.config import config_path, hydra_initialized, import_extensions, register_configs, validate
+from gvae.errors import ConfigError, GvaeError, Stopped
+from gvae.run_folder import JobFailed, remove_if_empty, signals_raise_stopped, sweep_job_folder
 from hydra_plugins.gvae_plugins.packed_launcher import PackedLauncher
 from hydra_plugins.gvae_plugins.rows_sweeper import RowsSweeper
+
+log = logging.getLogger(__name__)
 
 
 def register_plugins() -> None:
@@ -50,6 +55,16 @@ def main(cfg: DictConfig) -> float:
     out_dir = Path(hydra_cfg.runtime.output_dir)
     if multirun:  # found by its settings, not its number
         out_dir = sweep_job_folder(out_dir, list(hydra_cfg.overrides.task))
+    try:
+        validate(cfg)  # before the trainer is imported: a bad value is refused in start-up time
+    except ConfigError as e:
+        remove_if_empty(out_dir)  # made by Hydra; the run never owned it
+        log.error("%s", e)
+        if multirun:
+            raise JobFailed(f"job {job_num} ({out_dir}) failed: {e}") from None
+        raise SystemExit(1) from None
+    from gvae.jobs import Job, command_line_settings, train_jobs  # the trainer: only to train
+
     job = Job(out_dir, cfg, hydra_cfg, hydra_cfg.job.name, command_line_settings(cfg), job_num)
     with signals_raise_stopped(), ExitStack() as stack:
         try:
@@ -64,5 +79,29 @@ def main(cfg: DictConfig) -> float:
             job.end(e)  # logged while its log file is open
 
 
-if __name__ == "__main__":
+def print_help(overrides: list[str]) -> None:
+    """`gvae-train --help` as Hydra prints it (configs/config.yaml's hydra.help, the config below it),
+    without Hydra's listing of every config group's options, which it makes whether or not the template
+    shows them (composing the config once per group: most of the help's start-up time) and ours does not
+    (its groups come from ${gvae_config_groups:})."""
+    with hydra_initialized():
+        cfg = hydra.compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    template = cfg.hydra.help.template  # resolved on access, as Hydra's is
+    job = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    print(string.Template(template).substitute(CONFIG=OmegaConf.to_yaml(job), FLAGS_HELP="",
+                                               HYDRA_CONFIG_GROUPS="", APP_CONFIG_GROUPS=""))
+
+
+def cli() -> None:
+    """gvae-train: `--help` (with overrides, if any) printed quickly; everything else through Hydra."""
+    args = sys.argv[1:]
+    if "--help" in args or "-h" in args:
+        flags = [a for a in args if a.startswith("-")]
+        if set(flags) <= {"--help", "-h"}:
+            print_help([a for a in args if not a.startswith("-")])
+            return
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -27,7 +27,7 @@ from torchvision import datasets, transforms
 
 from gvae.config import StepMode, compose_config, validate
 from gvae.engine import build_engine
-from gvae.mnist import prepare_mnist
+from gvae.mnist import prepare_files
 from gvae.objective import TrainStats
 from gvae.step import CUDA_ONLY_MODES
 from gvae.tasks import build_task
@@ -68,7 +68,7 @@ def time_baseline(cfg, steps: int, warmup: int) -> dict:
     model = build_task(typed).to(device)  # the same model and estimator as gvae's
     estimator = model.build_estimator(typed.estimator).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)  # default kernels
-    root = prepare_mnist(cfg.data.root, cfg.data.download)
+    root = prepare_files(cfg.data.root, cfg.data.download)
     dataset = datasets.MNIST(str(root), train=True, transform=transforms.ToTensor())
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True)
     tau = torch.tensor(1.0)

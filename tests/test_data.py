@@ -3,10 +3,12 @@ found and downloaded, every kind of damaged file, and the synthetic dataset."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import hashlib
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -18,11 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from omegaconf import OmegaConf
 
 from gvae.config import validate
 from gvae.data import Binarization, Splits, binarize, load_splits
 from gvae.errors import DataError
-from gvae.mnist import IDX_FILES, locate_mnist, prepare_mnist
+from gvae.mnist import IDX_FILES
+from gvae.mnist import locate_files as locate_mnist
+from gvae.mnist import prepare_files as prepare_mnist
 from tests.conftest import compose_config
 
 CPU = torch.device("cpu")
@@ -205,7 +210,7 @@ def test_processes_preparing_one_fresh_folder_at_once_all_succeed(mnist_root, gz
     root = gz_copy.parent.parent
     start = root / "go"
     code = (f"import time, pathlib\nwhile not pathlib.Path({str(start)!r}).exists(): time.sleep(0.001)\n"
-            f"from gvae.mnist import prepare_mnist\nprepare_mnist({str(root)!r}, download=False)")
+            f"from gvae.mnist import prepare_files\nprepare_files({str(root)!r}, False)")
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for _ in range(6)]
     time.sleep(3)  # every process imported gvae and is waiting
@@ -386,3 +391,89 @@ def test_synthetic_splits_load_onto_the_device_with_their_sizes():
     splits = load_splits(validate(compose_config(["data=synthetic"])).data, CPU)
     assert (len(splits.train), len(splits.val), len(splits.test)) == (2000, 500, 500)
     assert splits.image_shape == (1, 12, 12) and splits.train.dtype == torch.uint8
+
+
+# -----------------------------------------------------------------------------
+# the other MNIST-format datasets: Fashion-MNIST and KMNIST, on small files in their real format
+
+SMALL_COUNTS = (300, 100)  # training and test images of the generated files
+
+
+def write_idx_set(root: Path, folder: str, seed: int) -> dict[str, str]:
+    """Four gzipped IDX files in root/<folder>/raw, as the datasets ship them (big-endian magic number
+    and sizes, uint8 rows) but of SMALL_COUNTS images; their MD5s, by .gz name."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(seed)
+    md5s = {}
+    for name, (magic, shape) in IDX_FILES.items():
+        count = SMALL_COUNTS[0 if name.startswith("train") else 1]
+        dims = (count, *shape[1:])
+        header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in dims)
+        body = torch.randint(0, 256 if len(dims) > 1 else 10, dims, generator=g, dtype=torch.uint8)
+        data = gzip.compress(header + body.numpy().tobytes(), mtime=0)
+        (raw / f"{name}.gz").write_bytes(data)
+        md5s[f"{name}.gz"] = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    return md5s
+
+
+@pytest.fixture(params=["fashion_mnist", "kmnist"])
+def small_set(request, tmp_path, monkeypatch) -> tuple[str, Path]:
+    """(the data option, a root holding its small files), the option's checksums and counts those files'."""
+    import gvae.mnist
+
+    option = request.param
+    ds = gvae.mnist.IDX_SETS[option]
+    root = tmp_path / "data"
+    md5s = write_idx_set(root, ds.folder, seed=len(option))
+    small = dataclasses.replace(ds, counts=SMALL_COUNTS, gz_md5=md5s)
+    monkeypatch.setitem(gvae.mnist.IDX_SETS, option, small)
+    return option, root
+
+
+def small_run(option: str, root: Path, *more: str) -> list[str]:
+    return [f"data={option}", f"data.root={root}", "data.num_train=200", "data.num_val=100",
+            "train.batch_size=50", "train.max_steps=20", "train.eval_every=10", "train.ckpt_every=10",
+            "model.hidden=[32]", "eval.num_samples=4", "eval.images=false", "device=cpu", *more]
+
+
+@pytest.mark.slow
+def test_fashion_mnist_and_kmnist_train_evaluate_and_resume_like_a_straight_run(small_set, tmp_path):
+    from gvae.evaluation import main as gvae_eval
+    from gvae.jobs import train
+
+    option, root = small_set
+    splits = load_splits(validate(compose_config(small_run(option, root))).data, CPU)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (200, 100, 100)
+    assert set(splits.train.unique().tolist()) <= {0, 1}  # fixed binarization, as MNIST's
+    straight = train(compose_config(small_run(option, root, "train.max_steps=40")), tmp_path / "straight")
+    train(compose_config(small_run(option, root)), tmp_path / "resumed")
+    cfg = compose_config(small_run(option, root, "train.max_steps=40", "train.resume=true"))
+    resumed = train(cfg, tmp_path / "resumed")
+    assert resumed["status"] == "complete" and resumed["val_curve"] == straight["val_curve"]
+    assert resumed["test_bound"] == straight["test_bound"]
+    (tmp_path / "resumed" / ".hydra").mkdir()
+    OmegaConf.save(cfg, tmp_path / "resumed" / ".hydra" / "config.yaml")  # the record gvae-train writes
+    assert gvae_eval([str(tmp_path / "resumed"), "eval.num_samples=8"]) == 0
+    assert json.loads((tmp_path / "resumed" / "eval.json").read_text())["step"] == 40
+
+
+def test_fashion_mnist_and_kmnist_files_are_checked_against_their_checksums(small_set):
+    option, root = small_set
+    import gvae.mnist
+
+    ds = gvae.mnist.IDX_SETS[option]
+    gz = root / ds.folder / "raw" / "t10k-labels-idx1-ubyte.gz"
+    gz.write_bytes(gzip.compress(gzip.decompress(gz.read_bytes()), mtime=1))  # the same data, another file
+    with pytest.raises(DataError, match=f"{gz}: MD5 .*, expected {ds.folder}'s"):
+        prepare_mnist(root, False, ds=ds)
+
+
+@pytest.mark.parametrize(("option", "folder"), [("fashion_mnist", "FashionMNIST"), ("kmnist", "KMNIST")])
+def test_missing_fashion_mnist_or_kmnist_says_where_and_what_to_put(option, folder, tmp_path):
+    cfg = compose_config([f"data={option}", f"data.root={tmp_path}", "data.download=false"])
+    with pytest.raises(DataError) as err:
+        load_splits(validate(cfg).data, CPU)
+    message = str(err.value)
+    assert message.startswith(f"{folder} not found: ") and str(tmp_path / folder / "raw") in message
+    assert all(hint in message for hint in ("train-images-idx3-ubyte.gz", "data.root", "GVAE_DATA_DIR"))

@@ -6,18 +6,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
 from gvae.errors import require
 from gvae.latents import Latent
 from gvae.model import ModelConfig
 from gvae.objective import TrainStats
+
+if TYPE_CHECKING:  # TensorBoard is imported by the trainer, which writes the summaries
+    from torch.utils.tensorboard import SummaryWriter
 
 
 class Objective(str, Enum):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
 from gvae.estimators import build_estimator
 from gvae.model import LatentType, ModelConfig, Prior, make_latent
@@ -17,6 +17,9 @@ from gvae.nets import build_nets
 from gvae.objective import TrainStats, recon_nll, repeat_rows
 from gvae.pictures import bernoulli_pictures, grid
 from gvae.tasks.base import Figure, Objective, Task, TaskConfig, register_task
+
+if TYPE_CHECKING:  # TensorBoard is imported by the trainer, which writes the summaries
+    from torch.utils.tensorboard import SummaryWriter
 
 
 @dataclass

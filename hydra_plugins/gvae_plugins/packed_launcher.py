@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -31,11 +31,21 @@ from omegaconf import DictConfig, open_dict
 
 from gvae.engine import pack_key
 from gvae.errors import Interrupted, NonFiniteError, Stopped
-from gvae.jobs import Job, command_line_settings, sweep_job_folder, train_jobs
 from gvae.nets import Net
-from gvae.run_folder import describe_failure, signals_raise_stopped
+from gvae.run_folder import describe_failure, signals_raise_stopped, sweep_job_folder
+
+if TYPE_CHECKING:
+    from gvae.jobs import Job
 
 log = logging.getLogger(__name__)
+
+
+def jobs():
+    """gvae.jobs, imported when a sweep launches: it brings the trainer (TensorBoard), which composing
+    a config (gvae-train --help, --cfg) does not need."""
+    import gvae.jobs
+
+    return gvae.jobs
 
 
 @dataclass
@@ -73,7 +83,7 @@ class PackedLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return [ret for _, ret in prepared]
 
-    def prepare(self, idx: int, overrides: Sequence[str]) -> tuple[Job, JobReturn]:
+    def prepare(self, idx: int, overrides: Sequence[str]) -> "tuple[Job, JobReturn]":
         """The job as Hydra's basic launcher prepares it (its config, its folder's name); training
         comes later."""
         log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
@@ -87,18 +97,18 @@ class PackedLauncher(Launcher):
             hydra_cfg = HydraConfig.get()  # the job's folder found by its settings, not its number
             found.update(out_dir=sweep_job_folder(Path(hydra_cfg.runtime.output_dir),
                                                   list(hydra_cfg.overrides.task)),
-                         settings=command_line_settings(cfg))
+                         settings=jobs().command_line_settings(cfg))
 
         ret = run_job(hydra_context=self.hydra_context, task_function=prepare, config=sweep_config,
                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir",
                       configure_logging=False)
         hydra_cfg = ret.hydra_cfg.hydra
-        job = Job(found["out_dir"], ret.cfg, hydra_cfg, hydra_cfg.job.name, found["settings"], idx,
+        job = jobs().Job(found["out_dir"], ret.cfg, hydra_cfg, hydra_cfg.job.name, found["settings"], idx,
                   label=f"{found['out_dir']}: ")
         return job, ret
 
 
-def accept(job: Job, ret: JobReturn, folders: ExitStack) -> bool:
+def accept(job: "Job", ret: JobReturn, folders: ExitStack) -> bool:
     """The job's folder locked and its run accepted and recorded (gvae.jobs.Job.accept); False for a
     refused job (failed) or a finished one (completed, nothing written)."""
     try:
@@ -111,7 +121,7 @@ def accept(job: Job, ret: JobReturn, folders: ExitStack) -> bool:
     return False
 
 
-def plan_packs(jobs: list[Job], max_pack: int) -> list[list[int]]:
+def plan_packs(jobs: "list[Job]", max_pack: int) -> list[list[int]]:
     """Groups of job indices that can train together (gvae.engine.pack_key, the same step), at most
     max_pack each, in the sweep's order."""
     groups: dict[Any, list[int]] = defaultdict(list)
@@ -123,19 +133,19 @@ def plan_packs(jobs: list[Job], max_pack: int) -> list[list[int]]:
     return [group[k : k + max_pack] for group in groups.values() for k in range(0, len(group), max_pack)]
 
 
-def fail(job: Job, ret: JobReturn, error: BaseException) -> None:
+def fail(job: "Job", ret: JobReturn, error: BaseException) -> None:
     """The job's message and failed.json (gvae.jobs.Job.failed), and Hydra's record."""
     _, message, _ = job.failed(error)
     ret.return_value, ret.status = job.job_failed(message), JobStatus.FAILED
 
 
-def train_pack(pack: list[tuple[Job, JobReturn]]) -> None:
+def train_pack(pack: "list[tuple[Job, JobReturn]]") -> None:
     """Train these jobs together; each job's log lines (the pack's) also go to its own log file."""
     with ExitStack() as logs:
         for job, _ in pack:
             logs.enter_context(job.logging())
         try:
-            results = train_jobs([job for job, _ in pack])
+            results = jobs().train_jobs([job for job, _ in pack])
         except (Interrupted, Stopped, KeyboardInterrupt) as e:
             for job, ret in pack:
                 fail(job, ret, e)
