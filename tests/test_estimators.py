@@ -888,8 +888,9 @@ COMPILED = [("score_function", []), ("darn", []), ("muprop", []), ("rebar", ["es
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "options"), COMPILED, ids=[" ".join([n, *o]) for n, o in COMPILED])
 def test_compiled_step_matches_eager_step_where_the_estimator_differentiates(name, options, mnist_root):
-    # These estimators differentiate inside the step (autograd.grad, twice for a learned control
-    # variate, which then runs eagerly), rescale the encoder's gradient with a hook, or take K samples
+    # These estimators differentiate inside the step (autograd.grad; twice for a learned control
+    # variate, whose step the compile modes then run uncompiled), rescale the encoder's gradient with
+    # a hook, or take K samples
     # per example: torch.compile must neither drop the hook nor reuse a compiled graph's saved tensors
     # (DARN once got wrong decoder gradients that way).
     def step_twice(mode: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
