@@ -338,3 +338,5 @@ def test_a_finished_job_with_a_truncated_metrics_json_is_evaluated_again_on_resu
     again = json.loads((run / "metrics.json").read_text())
     assert again["step"] == 20 and again["test_bound"] == good["test_bound"]
     assert again["val_curve"] == good["val_curve"]
+    # a resume that only evaluates keeps the last epoch's training figure (restored from the checkpoint)
+    assert again["train_nelbo_last_epoch"] == good["train_nelbo_last_epoch"]
