@@ -110,8 +110,9 @@ class Latent:
 def _over_classes(fn, x: torch.Tensor) -> torch.Tensor:
     """fn(x, dim) over the last (class) axis. On the CPU through a transposed view: torch's CPU kernels
     vectorise a softmax over a non-last axis across the axis after it, but not over a last axis of a
-    few classes, which runs element by element (scripts/bench.py --softmax measures the two)."""
-    if x.device.type != "cpu" or x.dim() < 2:
+    few classes, which runs element by element (scripts/bench.py --softmax measures the two). Compiled
+    steps make their own kernels, and a returned view of a transpose trips AOTAutograd's aliasing."""
+    if x.device.type != "cpu" or x.dim() < 2 or torch.compiler.is_compiling():
         return fn(x, dim=-1)
     return fn(x.transpose(-1, -2), dim=-2).transpose(-1, -2)
 

@@ -159,27 +159,57 @@ def job_settings(overrides: list[str]) -> frozenset[str]:
     return frozenset(o for o in overrides if not o.lstrip("+~").startswith(NOT_SETTINGS))
 
 
-def sweep_job_folder(assigned: Path, overrides: list[str]) -> Path:
-    """A sweep's job's folder, found by its settings: Hydra numbers jobs by their place in the grid,
-    which moves when values are added to a swept key, so the folder already holding a run of these
-    settings is the job's; else the folder Hydra assigned, unless it holds another job's run, and then
-    the next free number. A sweep that sets its jobs' folders itself (hydra.sweep.subdir, as a
-    halving's rungs do) keeps them."""
-    if any(o.startswith("hydra.sweep.subdir=") for o in overrides) or not assigned.parent.is_dir():
+def same_run(a: frozenset[str], b: frozenset[str]) -> bool:
+    """Whether two jobs' settings differ only in keys that do not define the run (its length,
+    cadences, evaluation: gvae/roles.py), so that one resumes the other's checkpoint."""
+    from gvae.config import Config  # the schema's roles; imported only when a folder is in doubt
+    from gvae.roles import role_of
+
+    defaults = Config()
+    for override in a ^ b:
+        role = role_of(defaults, override.lstrip("+~").split("=", 1)[0])
+        if role is None or role.defines_run:  # a key gvae does not know counts as defining
+            return False
+    return True
+
+
+def sweep_job_folder(hydra_cfg: Any) -> Path:
+    """The folder of a sweep's job (its HydraConfig): found by its settings (find_job_folder) unless
+    the sweep sets its jobs' folders itself (hydra.sweep.subdir, as a halving's rungs do)."""
+    assigned = Path(hydra_cfg.runtime.output_dir)
+    if any(o.startswith("hydra.sweep.subdir=") for o in hydra_cfg.overrides.hydra):
         return assigned
-    wanted, numbered = job_settings(overrides), []
+    return find_job_folder(assigned, list(hydra_cfg.overrides.task))
+
+
+def find_job_folder(assigned: Path, overrides: list[str]) -> Path:
+    """A sweep's job's folder, found by its settings: Hydra numbers jobs by their place in the grid,
+    which moves when values are added to a swept key. In order: a folder holding a run of exactly
+    these settings (the assigned one first); the assigned folder if it holds no run, or the same run
+    at another length or cadence (a sweep resumed with train.max_steps raised); the one other folder
+    holding that run; else the next free number."""
+    if not assigned.parent.is_dir():
+        return assigned
+    wanted, numbered, records = job_settings(overrides), [], {}
     for folder in assigned.parent.iterdir():
-        record = folder / ".hydra" / "overrides.yaml"
         if folder.name.isdigit():
             numbered.append(int(folder.name))
+        record = folder / ".hydra" / "overrides.yaml"
         if record.is_file():
             try:
-                if job_settings([str(o) for o in OmegaConf.load(record)]) == wanted:
-                    return folder
+                records[folder] = job_settings([str(o) for o in OmegaConf.load(record)])
             except Exception:  # noqa: BLE001  (a damaged record is not this job's: the job's own run reads it)
                 continue
-    if not (assigned / ".hydra" / "overrides.yaml").is_file():
+    exact = [f for f, settings in records.items() if settings == wanted]
+    if exact:
+        return assigned if assigned in exact else exact[0]
+    if assigned not in records and not (assigned / ".hydra" / "overrides.yaml").is_file():
         return assigned
+    if assigned in records and same_run(records[assigned], wanted):
+        return assigned
+    resumed = [f for f, settings in records.items() if same_run(settings, wanted)]
+    if len(resumed) == 1:
+        return resumed[0]
     number = max(numbered, default=-1) + 1
     while True:  # reserved by making it (jobs prepared together must not pick the same number)
         try:

@@ -54,7 +54,7 @@ def main(cfg: DictConfig) -> float:
     job_num = hydra_cfg.job.num if multirun else None
     out_dir = Path(hydra_cfg.runtime.output_dir)
     if multirun:  # found by its settings, not its number
-        out_dir = sweep_job_folder(out_dir, list(hydra_cfg.overrides.task))
+        out_dir = sweep_job_folder(hydra_cfg)
     try:
         validate(cfg)  # before the trainer is imported: a bad value is refused in start-up time
     except ConfigError as e:

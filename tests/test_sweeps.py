@@ -66,3 +66,26 @@ def test_a_sweep_extended_in_place_trains_only_its_new_jobs(tmp_path, launcher):
     settings = [frozenset(o for o in yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())
                           if not o.startswith("train.resume")) for p in folders]
     assert len(set(settings)) == 6  # one folder per job
+
+
+def test_a_jobs_folder_is_found_by_its_settings_then_by_its_run_then_made_anew(tmp_path):
+    """find_job_folder's order (no training): a folder holding exactly these settings wherever it is;
+    the assigned folder when free or holding the same run at another length (a sweep resumed with
+    train.max_steps raised); the one other folder holding that run; else the next free number."""
+    from gvae.run_folder import find_job_folder
+
+    def job(name: str, *overrides: str) -> Path:
+        folder = tmp_path / name
+        (folder / ".hydra").mkdir(parents=True)
+        (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(list(overrides)))
+        return folder
+
+    a, b = job("0", "seed=0", "train.max_steps=20"), job("1", "seed=1", "train.max_steps=20")
+    assert find_job_folder(a, ["seed=1", "train.max_steps=20", "train.resume=true"]) == b  # moved job
+    assert find_job_folder(tmp_path / "2", ["seed=2"]) == tmp_path / "2"  # free: Hydra's number
+    assert find_job_folder(b, ["seed=1", "train.max_steps=50"]) == b  # the same run, trained on
+    assert find_job_folder(a, ["seed=1", "train.max_steps=50", "eval.num_samples=9"]) == b
+    made = find_job_folder(a, ["seed=1", "optim.lr=0.1"])  # another run: a new folder, not a or b
+    assert made == tmp_path / "2" and made.is_dir()
+    unknown = ["seed=0", "train.max_steps=20", "experiment=x"]  # a key gvae does not know defines a run
+    assert find_job_folder(a, unknown) == tmp_path / "3"

@@ -95,8 +95,7 @@ class PackedLauncher(Launcher):
 
         def prepare(cfg: DictConfig) -> None:
             hydra_cfg = HydraConfig.get()  # the job's folder found by its settings, not its number
-            found.update(out_dir=sweep_job_folder(Path(hydra_cfg.runtime.output_dir),
-                                                  list(hydra_cfg.overrides.task)),
+            found.update(out_dir=sweep_job_folder(hydra_cfg),
                          settings=jobs().command_line_settings(cfg))
 
         ret = run_job(hydra_context=self.hydra_context, task_function=prepare, config=sweep_config,
