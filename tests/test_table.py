@@ -202,6 +202,27 @@ def test_committed_results_regenerate_byte_for_byte_from_their_records(record, t
     assert (out / "results.md").read_bytes() == (record.parent / "results.md").read_bytes()
 
 
+def test_the_anchors_comparison_regenerates_and_leaves_out_a_partial_record(tmp_path):
+    """scripts/anchors.py: the committed comparison is what the committed records give, byte for byte;
+    a record whose sweep has an unfinished job gives none of its rows, and says so."""
+    committed = ROOT / "docs" / "results" / "bernoulli200_anchors" / "comparison.md"
+    run = [sys.executable, str(ROOT / "scripts" / "anchors.py")]
+    assert subprocess.run([*run, "--out", str(tmp_path / "now")], capture_output=True).returncode == 0
+    assert (tmp_path / "now" / "comparison.md").read_bytes() == committed.read_bytes()
+
+    results = tmp_path / "results"
+    record = json.loads((ROOT / "docs" / "results" / "cpu_table" / "jobs.json").read_text())
+    (results / "cpu_table").mkdir(parents=True)
+    record["jobs"][0] = dict(record["jobs"][0], status="unfinished")
+    (results / "cpu_table" / "jobs.json").write_text(json.dumps(record))
+    result = subprocess.run([*run, "--out", str(tmp_path / "partial"), "--results", str(results)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "partial" / "comparison.md").read_text()
+    assert f"docs/results/cpu_table (1 of its {len(record['jobs'])} jobs not finished)" in text
+    assert "| gumbel_softmax |" not in text and "not measured" in text
+
+
 def test_the_cpu_table_is_committed():
     assert (ROOT / "docs" / "results" / "cpu_table" / "jobs.json").is_file()
 
