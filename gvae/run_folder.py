@@ -11,6 +11,7 @@ byte as it was.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -162,15 +163,20 @@ def job_settings(overrides: list[str]) -> frozenset[str]:
 def same_run(a: frozenset[str], b: frozenset[str]) -> bool:
     """Whether two jobs' settings differ only in keys that do not define the run (its length,
     cadences, evaluation: gvae/roles.py), so that one resumes the other's checkpoint."""
-    from gvae.config import Config  # the schema's roles; imported only when a folder is in doubt
-    from gvae.roles import role_of
+    from gvae.roles import role_of  # the schema's roles; imported only when a folder is in doubt
 
-    defaults = Config()
     for override in a ^ b:
-        role = role_of(defaults, override.lstrip("+~").split("=", 1)[0])
+        role = role_of(schema_defaults(), override.lstrip("+~").split("=", 1)[0])
         if role is None or role.defines_run:  # a key gvae does not know counts as defining
             return False
     return True
+
+
+@functools.cache
+def schema_defaults() -> Any:
+    from gvae.config import Config
+
+    return Config()
 
 
 def sweep_job_folder(hydra_cfg: Any) -> Path:
@@ -203,13 +209,11 @@ def find_job_folder(assigned: Path, overrides: list[str]) -> Path:
     exact = [f for f, settings in records.items() if settings == wanted]
     if exact:
         return assigned if assigned in exact else exact[0]
-    if assigned not in records and not (assigned / ".hydra" / "overrides.yaml").is_file():
-        return assigned
-    if assigned in records and same_run(records[assigned], wanted):
+    if not (assigned / ".hydra" / "overrides.yaml").is_file():
         return assigned
     resumed = [f for f, settings in records.items() if same_run(settings, wanted)]
-    if len(resumed) == 1:
-        return resumed[0]
+    if assigned in resumed or len(resumed) == 1:
+        return assigned if assigned in resumed else resumed[0]
     number = max(numbered, default=-1) + 1
     while True:  # reserved by making it (jobs prepared together must not pick the same number)
         try:
