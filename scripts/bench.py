@@ -36,6 +36,16 @@ MODES = [m.value for m in StepMode if m is not StepMode.auto]
 OVERRIDES: list[str] = []  # the command line's, for configs composed later
 
 
+def cpu_name() -> str:
+    """`MODEL, N cores` (the cores this process may use), so that a CPU record names its machine."""
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = "unknown model"
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -214,13 +224,17 @@ def matmul_ceiling(workers: int) -> dict:
 
 
 MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# The optimizer's fused update: it reads and writes every parameter and its state once a step, so
+# it runs at the memory's speed, whichever way the runs are laid out.
+OPTIMIZER_UPDATES = ("aten::_fused_adam_", "aten::_fused_adamw_", "aten::_fused_sgd_")
 
 
 def pack_matmul_share(size: int, steps: int, warmup: int) -> dict:
     """Where one thread's time goes in a pack's step: the seconds per model-step spent in matrix
-    products (the profiler's self time of the product kernels) and in everything, so that
-    workers / (product seconds per model-step) bounds any way of running the sweep whose products
-    run at this speed, with every other kernel free."""
+    products (the profiler's self time of the product kernels), in the optimizer's fused update and
+    in everything, so that workers / (product seconds per model-step) bounds any way of running the
+    sweep whose products run at this speed, with every other kernel free, and workers / (product and
+    update seconds) the same with only the update kept."""
     from torch.profiler import ProfilerActivity, profile
 
     cfgs = [validate(compose_config([*OVERRIDES, f"seed={seed}"])) for seed in range(size)]
@@ -238,18 +252,22 @@ def pack_matmul_share(size: int, steps: int, warmup: int) -> dict:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events) / 1e6
     products = sum(e.self_cpu_time_total for e in events if e.key in MATRIX_PRODUCTS) / 1e6
+    update = sum(e.self_cpu_time_total for e in events if e.key in OPTIMIZER_UPDATES) / 1e6
     model_steps = size * steps
     return {"pack_profiled": size, "pack_seconds_per_model_step": total / model_steps,
             "pack_matmul_seconds_per_model_step": products / model_steps,
-            "pack_matmul_share": products / total}
+            "pack_matmul_share": products / total,
+            "pack_update_seconds_per_model_step": update / model_steps,
+            "pack_update_share": update / total}
 
 
 def time_sweep(size: int, steps: int, warmup: int, workers: int) -> list[dict]:
     """The ways a sweep of `size` jobs of the default model can use this machine's cores, side by side
     (model-steps per second of training, start-up and evaluation left out): the jobs one after another,
     each alone with the default threads (what a plain `gvae-train -m` does); all of them in one pack
-    with the default threads (hydra/launcher=packed); and `workers` single-thread processes at once,
-    each training a pack of its share of the jobs."""
+    with the default threads (hydra/launcher=packed hydra.launcher.workers=1); and `workers`
+    single-thread processes at once, each training a pack of its share of the jobs (what
+    hydra/launcher=packed does on a CPU by default: gvae/pack_workers.py)."""
     cfgs = [validate(compose_config([*OVERRIDES, f"seed={seed}"])) for seed in range(size)]
     seconds = 0.0
     for cfg in cfgs:  # one after another: each its own engine, as each its own job
@@ -275,7 +293,10 @@ def time_sweep(size: int, steps: int, warmup: int, workers: int) -> list[dict]:
         ceiling = {**matmul_ceiling(workers), **pack_matmul_share(shares[0], steps, warmup)}
         ceiling["matmul_bound_model_steps_per_sec"] = workers / ceiling["pack_matmul_seconds_per_model_step"]
         ceiling["matmul_bound_over_one_after_another"] = ceiling["matmul_bound_model_steps_per_sec"] / alone
-    return [{"mode": f"sweep_S{size}", "jobs": size, "steps": steps,
+        both = ceiling["pack_matmul_seconds_per_model_step"] + ceiling["pack_update_seconds_per_model_step"]
+        ceiling["matmul_update_bound_model_steps_per_sec"] = workers / both
+        ceiling["matmul_update_bound_over_one_after_another"] = workers / both / alone
+    return [{"mode": f"sweep_S{size}", "machine": cpu_name(), "jobs": size, "steps": steps,
              "one_after_another_model_steps_per_sec": alone,
              "one_after_another_threads": torch.get_num_threads(),
              "one_pack_model_steps_per_sec": packed, "one_pack_threads": one["threads"],

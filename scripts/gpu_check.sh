@@ -45,6 +45,8 @@ if [ $DRY = 1 ]; then
   EVAL_M=2; REINMAX_M=2
   REINMAX=("hydra.sweeper.params.seed='0'" train.max_steps=4 train.eval_every=2 train.ckpt_every=2
            eval.num_samples=2 "${SMALL[@]}")
+  # The packs in this process, as on the GPU (on a CPU the launcher's default is a worker per core).
+  TABLE+=(hydra.launcher.workers=1); REINMAX+=(hydra.launcher.workers=1)
 else
   DEVICE=cuda
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl || exit 1

@@ -293,8 +293,8 @@ def test_a_killed_sbn_run_resumes_to_the_straight_runs_numbers(tmp_path, monkeyp
 @pytest.mark.slow
 def test_an_sbn_sweep_trains_packed_and_is_evaluated_and_drawn_from_its_folders(tmp_path, caplog):
     sweep = tmp_path / "sweep"
-    result = gvae_train(["-m", "hydra/launcher=packed", *SBN_RUN, "seed=0,1", "optim.lr=1e-3,3e-3",
-                         f"hydra.sweep.dir={sweep}"], tmp_path)
+    result = gvae_train(["-m", "hydra/launcher=packed", "hydra.launcher.workers=1", *SBN_RUN, "seed=0,1",
+                         "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep}"], tmp_path)  # one pack of 4
     assert result.returncode == 0, result.stdout[-3000:]
     assert "4 runs packed" in result.stdout
     job = sweep / "0"

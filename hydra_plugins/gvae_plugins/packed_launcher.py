@@ -10,11 +10,17 @@ same shapes, data, cadences and optimizer class; seeds, learning rates, temperat
 float estimator options may differ) and are at the same step are trained together, at most
 `max_pack` at a time; the others in packs of their own. Each job writes what a separate run writes
 and returns its best validation negative ELBO to the sweeper; a job that diverges fails alone.
+
+On a CPU the packs train at once in `workers` processes (gvae/pack_workers.py), one per core by
+default, each with its share of the threads; a pack larger than it need be is split so that every
+worker has one. On a GPU (or with `hydra.launcher.workers=1`) they train one after another in this
+process.
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module before it is in
 # sys.modules, where dataclasses would look up string annotations.
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
@@ -52,16 +59,22 @@ def jobs():
 class PackedLauncherConf:
     _target_: str = "hydra_plugins.gvae_plugins.packed_launcher.PackedLauncher"
     max_pack: int = 64  # runs trained together at most
+    # Packs trained at once, each in a worker process with its share of the threads; null: one per
+    # CPU core when the runs are on the CPU, 1 (this process) on a GPU.
+    workers: int | None = None
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackedLauncherConf, provider="gvae")
 
 
 class PackedLauncher(Launcher):
-    def __init__(self, max_pack: int = 64) -> None:
+    def __init__(self, max_pack: int = 64, workers: int | None = None) -> None:
         if max_pack < 1:
             raise ValueError(f"hydra.launcher.max_pack={max_pack} is not allowed: must be >= 1")
-        self.max_pack = max_pack
+        if workers is not None and workers < 1:
+            raise ValueError(f"hydra.launcher.workers={workers} is not allowed: must be >= 1 (or null: "
+                             "one per CPU core on the CPU, 1 on a GPU)")
+        self.max_pack, self.workers = max_pack, workers
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -78,8 +91,14 @@ class PackedLauncher(Launcher):
                     for idx, overrides in enumerate(job_overrides, initial_job_idx)]
         with ExitStack() as folders, signals_raise_stopped():
             ready = [(job, ret) for job, ret in prepared if accept(job, ret, folders)]
-            for pack in plan_packs([job for job, _ in ready], self.max_pack):
-                train_pack([ready[i] for i in pack])
+            workers = self.workers or default_workers([job for job, _ in ready])
+            packs = [[ready[i] for i in pack]
+                     for pack in plan_packs([job for job, _ in ready], self.max_pack, workers)]
+            if workers > 1 and len(packs) > 1:
+                train_in_workers(packs, workers)
+            else:
+                for pack in packs:
+                    train_pack(pack)
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return [ret for _, ret in prepared]
 
@@ -120,16 +139,31 @@ def accept(job: "Job", ret: JobReturn, folders: ExitStack) -> bool:
     return False
 
 
-def plan_packs(jobs: "list[Job]", max_pack: int) -> list[list[int]]:
+def plan_packs(jobs: "list[Job]", max_pack: int, workers: int = 1) -> list[list[int]]:
     """Groups of job indices that can train together (gvae.engine.pack_key, the same step), at most
-    max_pack each, in the sweep's order."""
+    max_pack each, in the sweep's order; the largest split in two while there are fewer packs than
+    workers, so that each worker has a pack."""
     groups: dict[Any, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
         if Net(job.opened.config.model.net) is not Net.mlp:
             groups["alone", i].append(i)
             continue
         groups[pack_key(job.opened.config), job.opened.step].append(i)
-    return [group[k : k + max_pack] for group in groups.values() for k in range(0, len(group), max_pack)]
+    packs = [group[k : k + max_pack] for group in groups.values() for k in range(0, len(group), max_pack)]
+    while len(packs) < workers and (largest := max(packs, key=len, default=[])) and len(largest) > 1:
+        at = packs.index(largest)
+        packs[at : at + 1] = [largest[: (len(largest) + 1) // 2], largest[(len(largest) + 1) // 2 :]]
+    return packs
+
+
+def default_workers(jobs: "list[Job]") -> int:
+    """One worker per CPU core when every run is on the CPU; 1 (this process) when any is on a GPU,
+    where one process keeps the device busy."""
+    from gvae.config import resolve_device
+
+    if any(resolve_device(job.opened.config.device).type != "cpu" for job in jobs):
+        return 1
+    return len(os.sched_getaffinity(0))
 
 
 def fail(job: "Job", ret: JobReturn, error: BaseException) -> None:
@@ -138,23 +172,59 @@ def fail(job: "Job", ret: JobReturn, error: BaseException) -> None:
     ret.return_value, ret.status = job.job_failed(message), JobStatus.FAILED
 
 
+def train_in_workers(packs: "list[list[tuple[Job, JobReturn]]]", workers: int) -> None:
+    """Train the packs at once in `workers` processes (gvae/pack_workers.py), this process's threads
+    shared out among them; each job's outcome recorded as its pack ends. An interrupt is forwarded
+    to the workers (the packs in training checkpoint), then every job not finished fails with it
+    and the sweep stops."""
+    from gvae.pack_workers import PackTask, PackWorkers
+    from gvae.trainer import deferred_signals
+
+    count = min(workers, len(packs))
+    threads = max(1, torch.get_num_threads() // count)
+    log.info(f"Training {len(packs)} packs in {count} worker processes of {threads} thread(s) each")
+    tasks = [PackTask(k, [job.opened for job, _ in pack], [job.settings for job, _ in pack],
+                      [job.out_dir / f"{job.log_name}.log" for job, _ in pack])
+             for k, pack in enumerate(packs)]
+    stopped: BaseException | None = None
+    with deferred_signals() as received, PackWorkers(count, threads) as pool:
+        for key, outcome in pool.train(tasks, received):
+            record_pack(packs[key], outcome)
+            if isinstance(outcome, (Interrupted, Stopped)):
+                stopped = stopped or outcome
+    if received and stopped is None:  # a signal after the last pack ended: the sweep stops as usual
+        stopped = Stopped(received[0])
+    if stopped is not None:
+        raise SystemExit(describe_failure(stopped, packs[0][0][0].out_dir)[2])
+
+
+def record_pack(pack: "list[tuple[Job, JobReturn]]", outcome: "list[Any] | Exception") -> None:
+    """A pack's outcome recorded job by job: the error that ended the pack fails each of its jobs (one
+    message, failed.json); a run that diverged fails alone (recorded as it diverged); the others
+    return their best validation figure to the sweeper."""
+    results = [outcome] * len(pack) if isinstance(outcome, BaseException) else outcome
+    for (job, ret), result in zip(pack, results, strict=True):
+        with job.logging():
+            if isinstance(result, NonFiniteError):
+                job.recorded_failure = result  # its message and failed.json were written as it diverged
+            if isinstance(result, BaseException):
+                fail(job, ret, result)
+            else:
+                ret.return_value, ret.status = job.completed(result), JobStatus.COMPLETED
+
+
 def train_pack(pack: "list[tuple[Job, JobReturn]]") -> None:
-    """Train these jobs together; each job's log lines (the pack's) also go to its own log file."""
+    """Train these jobs together in this process; each job's log lines (the pack's) also go to its
+    own log file. An interrupt fails every job of the pack and stops the sweep."""
     with ExitStack() as logs:
         for job, _ in pack:
             logs.enter_context(job.logging())
         try:
-            results = jobs().train_jobs([job for job, _ in pack])
+            outcome = jobs().train_jobs([job for job, _ in pack])
         except (Interrupted, Stopped, KeyboardInterrupt) as e:
             for job, ret in pack:
                 fail(job, ret, e)
             raise SystemExit(describe_failure(e, pack[0][0].out_dir)[2]) from None  # the sweep stops too
         except Exception as e:  # noqa: BLE001  (gvae's own or not: this pack fails, the later ones go on)
-            for job, ret in pack:
-                fail(job, ret, e)
-            return
-        for (job, ret), result in zip(pack, results, strict=True):
-            if isinstance(result, NonFiniteError):  # recorded as it diverged
-                fail(job, ret, result)
-            else:
-                ret.return_value, ret.status = job.completed(result), JobStatus.COMPLETED
+            outcome = e
+    record_pack(pack, outcome)
