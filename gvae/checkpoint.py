@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import pickle
 import zipfile
@@ -167,6 +168,30 @@ def run_defining(cfg: Config | DictConfig) -> dict[str, Any]:
     return keys_with(typed, flatten(container(typed)), "defines_run")
 
 
+def defining_values(values: dict[str, Any]) -> dict[str, Any]:
+    """run_defining of a saved config's plain values (config_from_dict: typed again, keys added since
+    at their defaults); ConfigError when they do not fit today's schema. Remembered by content: typing
+    a config is slow (about 0.1 s), and a table reads each run's config from three records (its
+    .hydra/config.yaml, its checkpoint, its metrics.json) that usually hold the same values."""
+    key = json.dumps(_numbers_as_floats(values), sort_keys=True, default=str)
+    if key not in _DEFINING:
+        _DEFINING[key] = json.dumps(run_defining(config_from_dict(values)))
+    return json.loads(_DEFINING[key])  # a fresh copy: the caller may change it
+
+
+_DEFINING: dict[str, str] = {}  # defining_values' results, as JSON, by their values' JSON
+
+
+def _numbers_as_floats(node: Any) -> Any:
+    """The values with every int (not bool) a float, for defining_values' key only: a YAML record's
+    `0` and a checkpoint's `0.0` in one field are typed alike."""
+    if isinstance(node, dict):
+        return {k: _numbers_as_floats(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_numbers_as_floats(v) for v in node]
+    return float(node) if isinstance(node, int) and not isinstance(node, bool) else node
+
+
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(key, old value, new value) for every key whose value differs, "<absent>" for a missing one."""
     absent = "<absent>"
@@ -181,10 +206,9 @@ def check_compatible(path: Path, saved: dict[str, Any], config: dict[str, Any]) 
     saved config is typed again first, so keys added to gvae since it was written count as their
     defaults."""
     try:
-        old, new = config_from_dict(saved), config_from_dict(config)
+        differ = config_differences(defining_values(saved), defining_values(config))
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    differ = config_differences(run_defining(old), run_defining(new))
     if differ:
         details = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in differ)
         raise CheckpointError(

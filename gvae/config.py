@@ -35,7 +35,18 @@ from gvae.errors import ConfigError, require
 from gvae.estimators import ESTIMATORS, EstimatorConfig, estimator_help
 from gvae.mnist import FashionMNISTConfig, KMNISTConfig, MNISTConfig
 from gvae.model import ModelConfig
-from gvae.roles import CADENCE, DEVICE, EVALUATION, EXECUTION, LENGTH, SEED, per_run, role_field, roles
+from gvae.roles import (
+    CADENCE,
+    CHECKPOINTS,
+    DEVICE,
+    EVALUATION,
+    EXECUTION,
+    LENGTH,
+    SEED,
+    per_run,
+    role_field,
+    roles,
+)
 from gvae.schedules import SCHEDULES, ScheduleConfig
 from gvae.synthetic import SyntheticConfig
 from gvae.tasks import TASKS, TaskConfig
@@ -63,7 +74,7 @@ class TrainConfig:
     batch_size: int = 100
     log_every: int = role_field(CADENCE, 100)
     eval_every: int = role_field(CADENCE, 5_000)
-    ckpt_every: int = role_field(CADENCE, 10_000)
+    ckpt_every: int = role_field(CHECKPOINTS, 10_000)
     precision: Precision = Precision.fp32
     compile: StepMode = role_field(EXECUTION, StepMode.auto)
     resume: bool = role_field(EXECUTION, False)  # continue from this run folder's checkpoints/last.pt

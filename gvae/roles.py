@@ -36,6 +36,10 @@ LENGTH = Role("length", defines_run=False, in_record=True, per_run=False, in_set
 # How often the loop logs, evaluates, checkpoints or diagnoses: may change on resume.
 CADENCE = Role("cadence", defines_run=False, in_record=False, per_run=False, in_setting=True,
                eval_may_set=False)
+# How often a checkpoint is written: a run resumed from any checkpoint ends as the straight run ends
+# (tests/test_train.py), so a sweep relaunched with another value is the same sweep, setting for setting.
+CHECKPOINTS = Role("checkpoints", defines_run=False, in_record=False, per_run=False, in_setting=False,
+                   eval_may_set=False)
 # How a run is executed, not what it computes: the step mode, resuming.
 EXECUTION = Role("execution", defines_run=False, in_record=False, per_run=False, in_setting=False,
                  eval_may_set=False)

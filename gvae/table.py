@@ -27,17 +27,20 @@ import argparse
 import dataclasses
 import itertools
 import math
+import multiprocessing
+import os
 import shlex
 import statistics
 import sys
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from gvae.checkpoint import check_compatible, config_differences, load_checkpoint, run_defining
+from gvae.checkpoint import check_compatible, config_differences, defining_values, load_checkpoint
 from gvae.config import Config, config_from_dict, container, flatten, import_extensions
 from gvae.errors import GvaeError
 from gvae.estimators import ESTIMATORS
@@ -47,6 +50,7 @@ from gvae.halving import cells as halving_cells
 from gvae.halving import rung as halving_rung
 from gvae.roles import keys_with, role_of
 from gvae.rows import HALVING_KEYS, cross, key_of
+from gvae.run_folder import job_settings, same_run
 from gvae.runs import find_runs, read_json, run_status
 from gvae.tasks import TASKS
 
@@ -172,10 +176,10 @@ def check_consistent(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any],
     another's name, and an eval.json of an earlier state (evaluated, then resumed) one state's test
     figures beside another's selection."""
     try:
-        recorded = run_defining(config_from_dict(cfg))
+        recorded = defining_values(cfg)
         path = folder / "checkpoints" / "last.pt"
         saved = load_checkpoint(path)
-        check_compatible(path, saved["config"], container(config_from_dict(cfg)))
+        check_compatible(path, saved["config"], cfg)
     except GvaeError as e:
         raise TableError(f"job {folder}: its config (.hydra/config.yaml) and its checkpoint disagree, "
                          f"so its figures cannot be attributed: {e}") from None
@@ -192,8 +196,7 @@ def check_consistent(folder: Path, cfg: dict[str, Any], metrics: dict[str, Any],
                          f"test figures of one state beside the selection of another. Evaluate it again: "
                          f"gvae-eval --force {folder}")
     if "run_config" in metrics:  # written since 2026-11-28; typed again: keys added since take defaults
-        if differ := config_differences(run_defining(config_from_dict(unflatten(metrics["run_config"]))),
-                                        recorded):
+        if differ := config_differences(defining_values(unflatten(metrics["run_config"])), recorded):
             details = "; ".join(f"{k}: {a!r} in metrics.json, {b!r} in .hydra/config.yaml"
                                 for k, a, b in differ)
             raise TableError(f"job {folder}: its metrics and its config disagree ({details})")
@@ -258,23 +261,30 @@ def job_record(folder: Path, sweep_name: str, sweep_dir: Path, halving: bool = F
 SWEEP_SHAPE = ("hydra.sweeper.", "hydra/sweeper=", "hydra.launcher.", "hydra/launcher=")
 
 
-def read_sweeps(sweep_dirs: list[Path]) -> dict[str, Any]:
-    """The record of every job of the sweeps: found folders, and expected jobs with no folder."""
-    sweeps, jobs = [], []
+def read_sweeps(sweep_dirs: list[Path], workers: int | None = None) -> dict[str, Any]:
+    """The record of every job of the sweeps: found folders, and expected jobs with no folder.
+    `workers`: processes reading the jobs' records (job_records; default: by the number of jobs)."""
+    sweeps, jobs, parts = [], [], []
     for sweep_dir in sweep_dirs:
-        name = sweep_dir.name
         halving = halving_of(sweep_dir)
         same = job_overrides if halving else frozenset  # what makes two jobs the same job
-        expected = [same(job) for job in expected_jobs(sweep_dir)]
         folders = find_runs([sweep_dir]) if any(sweep_dir.glob("**/.hydra/config.yaml")) else []
         found = {same(map(str, OmegaConf.load(f / ".hydra" / "overrides.yaml"))): f for f in folders}
+        parts.append((sweep_dir, halving, same, folders, found))
+    every = [(f, sweep_dir.name, sweep_dir, bool(halving))
+             for sweep_dir, halving, _, _, found in parts for f in found.values()]
+    read = dict(zip((args[0] for args in every), job_records(every, workers), strict=True))
+    for sweep_dir, halving, same, folders, found in parts:
+        name = sweep_dir.name
+        expected = [same(job) for job in expected_jobs(sweep_dir)]
+        found = by_expected_job(expected, found)
         overrides = OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides
         # the sweep's own shape (rows, halving, launcher) is part of the command; its folder is named
         shape = [o for o in overrides.hydra if o.startswith(SWEEP_SHAPE)]
         sweeps.append({"name": name, "command": shlex.join(["gvae-train", "-m", *shape, *overrides.task]),
                        "jobs": len(expected) + (halving_seed_jobs(expected, halving) if halving else 0),
                        **({"halving": dataclasses.asdict(halving)} if halving else {})})
-        records = {overrides: job_record(f, name, sweep_dir, bool(halving)) for overrides, f in found.items()}
+        records = {overrides: read[f] for overrides, f in found.items()}
         roles_from = typed(OmegaConf.to_container(OmegaConf.load(folders[0] / ".hydra" / "config.yaml"),
                                                   resolve=True)) if folders else typed(DEFAULT)
 
@@ -288,6 +298,43 @@ def read_sweeps(sweep_dirs: list[Path]) -> dict[str, Any]:
         else:
             jobs += list(records.values()) + [missing(job) for job in expected if job not in found]
     return {"sweeps": sweeps, "jobs": jobs}
+
+
+def by_expected_job(expected: list[frozenset[str]],
+                    found: dict[frozenset[str], Path]) -> dict[frozenset[str], Path]:
+    """The found folders keyed by the expected job each holds: its exact overrides, else the one
+    expected job whose run it is at another length or cadence (gvae.run_folder.same_run, the rule by
+    which a relaunched sweep's job finds its folder: e.g. a sweep resumed with train.ckpt_every
+    changed, whose finished jobs keep the overrides they were launched with)."""
+    exact = set(expected)
+    keyed: dict[frozenset[str], Path] = {}
+    for overrides, folder in found.items():
+        if overrides not in exact:
+            runs = [job for job in expected if job not in found
+                    and same_run(job_settings(job), job_settings(overrides))]
+            overrides = runs[0] if len(runs) == 1 else overrides
+        keyed[overrides] = folder
+    return keyed
+
+
+JOBS_PER_READER = 16  # below this many jobs a process each, reading them costs less than starting it
+
+
+def job_records(jobs: list[tuple[Path, str, Path, bool]], workers: int | None = None) -> list[dict[str, Any]]:
+    """job_record(*args) for each job, in order: in `workers` processes (default: one per core, at
+    most one per JOBS_PER_READER jobs), since checking a job types its config from three records,
+    about 0.4 s a job on a 2-core CPU, and a full table has hundreds. The first job that fails its
+    check raises, as it would read alone."""
+    if workers is None:
+        workers = min(len(os.sched_getaffinity(0)), len(jobs) // JOBS_PER_READER)
+    # Spawned, not forked (a forked child of a process that ran torch's OpenMP kernels can hang); a
+    # spawned process imports the main module again, which a script read from stdin does not allow.
+    main = getattr(sys.modules.get("__main__"), "__file__", None)
+    if workers < 2 or len(jobs) < 2 or (main is not None and not os.path.isfile(main)):
+        return [job_record(*args) for args in jobs]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=import_extensions) as pool:
+        return list(pool.map(job_record, *zip(*jobs, strict=True), chunksize=4))
 
 
 def halving_seed_jobs(grid: list[frozenset[str]], halving: HalvingConfig) -> int:

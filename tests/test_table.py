@@ -267,6 +267,56 @@ def test_table_refuses_a_job_whose_recorded_config_no_longer_matches_its_results
     assert not (tmp_path / "out" / "results.md").exists()
 
 
+@pytest.mark.slow
+def test_jobs_read_in_processes_give_the_record_read_in_this_one_and_the_same_refusal(sweep, tmp_path):
+    """A large table's jobs are read in several processes (gvae.table.job_records): the record is the
+    one read here, job for job, and a job that fails its check is refused as it is here."""
+    from gvae.table import TableError, read_sweeps
+
+    assert read_sweeps([sweep], workers=2) == read_sweeps([sweep], workers=1)
+    broken = shutil.copytree(sweep, tmp_path / "sweep")
+    record = broken / "5" / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(record)
+    cfg.optim.lr = 0.123
+    OmegaConf.save(cfg, record)
+    messages = []
+    for workers in (1, 2):
+        with pytest.raises(TableError) as refused:
+            read_sweeps([broken], workers=workers)
+        messages.append(str(refused.value))
+    assert messages[0] == messages[1] and f"job {broken / '5'}" in messages[0] and "0.123 now" in messages[0]
+
+
+@pytest.mark.slow
+def test_a_sweep_relaunched_with_another_cadence_still_finds_its_finished_jobs(sweep, tmp_path):
+    """A sweep resumed with a non-defining key changed (train.ckpt_every: its finished jobs keep the
+    overrides they were launched with, multirun.yaml has the new command) is the same sweep: every
+    job found, none missing; a defining key changed (optim.momentum) makes other jobs."""
+    from gvae.table import read_sweeps
+
+    before = read_sweeps([sweep])
+    for extra, missing in (("train.ckpt_every=7", 0), ("optim.momentum=0.5", 8)):
+        relaunched = shutil.copytree(sweep, tmp_path / extra)
+        multirun = OmegaConf.load(relaunched / "multirun.yaml")
+        multirun.hydra.overrides.task.append(extra)
+        OmegaConf.save(multirun, relaunched / "multirun.yaml")
+        jobs = read_sweeps([relaunched])["jobs"]
+        assert sum(job["status"] == "missing" for job in jobs) == missing, extra
+        found = [job for job in jobs if job["status"] != "missing"]
+        assert [(j["job"].split("/")[1], j["metrics"]) for j in found] == [
+            (j["job"].split("/")[1], j["metrics"]) for j in before["jobs"]]
+
+
+def test_how_often_a_run_checkpoints_is_no_part_of_its_setting_and_how_often_it_evaluates_is():
+    """A resumed run ends as the straight run ends, whatever its checkpoints' spacing, so seeds
+    checkpointed at different steps share a setting; the validation curve's points do not."""
+    from gvae.config import Config
+    from gvae.table import in_setting
+
+    assert not in_setting("train.ckpt_every=1000", Config())
+    assert in_setting("train.eval_every=1000", Config()) and in_setting("optim.lr=0.003", Config())
+
+
 def test_a_curve_is_flat_from_the_step_after_which_it_stays_within_a_nat_of_its_end():
     curve = [(1000, 150.0), (2000, 120.0), (3000, 110.8), (4000, 110.2), (5000, 110.0)]
     assert paper_table.flat_from(curve) == 3000
