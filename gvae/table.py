@@ -310,9 +310,9 @@ def by_expected_job(expected: list[frozenset[str]],
     keyed: dict[frozenset[str], Path] = {}
     for overrides, folder in found.items():
         if overrides not in exact:
-            runs = [job for job in expected if job not in found
+            runs = [job for job in expected if job not in found and job not in keyed
                     and same_run(job_settings(job), job_settings(overrides))]
-            overrides = runs[0] if len(runs) == 1 else overrides
+            overrides = runs[0] if len(runs) == 1 else overrides  # a second folder of one run: its own
         keyed[overrides] = folder
     return keyed
 
