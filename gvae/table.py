@@ -460,8 +460,8 @@ def check_finished(record: dict[str, Any]) -> None:
     if pending:
         total = len(record["jobs"])
         raise TableError(
-            f"{len(pending)} of {total} jobs are missing, unfinished or interrupted; no table from a "
-            "partial sweep:\n  " + "\n  ".join(
+            f"{len(pending)} of {total} jobs are missing, running, unfinished or interrupted; no table "
+            "from a partial sweep:\n  " + "\n  ".join(
                 f"{j['job']} ({' '.join(j.get('overrides', j['setting']))}): {j['status']}: {j['error']}"
                 for j in pending))
 

@@ -390,3 +390,29 @@ def test_a_damaged_hydra_record_is_named_not_a_traceback(tiny_sweep, tmp_path, d
     command = [sys.executable, "-m", "gvae.table", "record", str(sweep), "--out", str(tmp_path / "o")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and "Traceback" not in result.stderr and "config.yaml" in result.stderr
+
+
+def test_a_run_training_again_is_running_not_the_failure_it_resumed_from(tmp_path):
+    """A folder whose holder record names a live process on this machine is "running", though the
+    failed.json of the interruption it resumed from is still there; once that process is gone, the
+    failed.json says what the folder holds."""
+    import socket
+    import subprocess
+
+    from gvae.runs import run_status
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "failed.json").write_text(json.dumps({"status": "interrupted", "error": "SIGTERM at step 5"}))
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = socket.gethostname()
+        holder = {"pid": sleeper.pid, "host": host, "started": "now", "command": ["gvae-train"]}
+        (folder / "running.json").write_text(json.dumps(holder))
+        assert run_status(folder) == ("running", f"training now (process {sleeper.pid} on {host})")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert run_status(folder) == ("interrupted", "SIGTERM at step 5")
+    (folder / "running.json").write_text(json.dumps({**holder, "host": "another-machine"}))
+    assert run_status(folder)[0] == "interrupted"  # a process elsewhere cannot be seen from here
