@@ -171,7 +171,7 @@ def run_defining(cfg: Config | DictConfig) -> dict[str, Any]:
 def defining_values(values: dict[str, Any]) -> dict[str, Any]:
     """run_defining of a saved config's plain values (config_from_dict: typed again, keys added since
     at their defaults); ConfigError when they do not fit today's schema. Remembered by content: typing
-    a config is slow (about 0.1 s), and a table reads each run's config from three records (its
+    a config through OmegaConf is slow, and a table reads each run's config from three records (its
     .hydra/config.yaml, its checkpoint, its metrics.json) that usually hold the same values."""
     key = json.dumps(_numbers_as_floats(values), sort_keys=True, default=str)
     if key not in _DEFINING:

@@ -322,9 +322,9 @@ JOBS_PER_READER = 16  # below this many jobs a process each, reading them costs 
 
 def job_records(jobs: list[tuple[Path, str, Path, bool]], workers: int | None = None) -> list[dict[str, Any]]:
     """job_record(*args) for each job, in order: in `workers` processes (default: one per core, at
-    most one per JOBS_PER_READER jobs), since checking a job types its config from three records,
-    about 0.4 s a job on a 2-core CPU, and a full table has hundreds. The first job that fails its
-    check raises, as it would read alone."""
+    most one per JOBS_PER_READER jobs), since checking a job types its config from three records
+    through OmegaConf, a fraction of a second a job, and a full table has hundreds. The first job
+    that fails its check raises, as it would read alone."""
     if workers is None:
         workers = min(len(os.sched_getaffinity(0)), len(jobs) // JOBS_PER_READER)
     # Spawned, not forked (a forked child of a process that ran torch's OpenMP kernels can hang); a
