@@ -23,8 +23,9 @@ import pickle
 import queue
 import signal
 import sys
+import threading
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,21 +114,16 @@ class PackWorkers:
             proc.start()
         return self
 
-    def train(self, tasks: list[PackTask],
-              received: list[int]) -> Iterator[tuple[int, list[Any] | BaseException]]:
-        """(key, outcome) for every task, as each pack ends; a pack whose worker died: WorkerLost.
-        `received`: the signals this process has received (gvae.trainer.deferred_signals), the first
-        forwarded to the workers as it comes."""
+    def train(self, tasks: list[PackTask]) -> Iterator[tuple[int, list[Any] | BaseException]]:
+        """(key, outcome) for every task, as each pack ends; a pack whose worker died: WorkerLost."""
         for task in tasks:
             self.tasks.put(task)
         for _ in self.procs:
             self.tasks.put(None)
         pending, running = {task.key for task in tasks}, {}  # running: worker pid -> its pack's key
         while pending:
-            if received and not self.stopping.value:
-                self.stop(received[0])
             try:
-                kind, key, pid, outcome = self.results.get(timeout=0.5)
+                kind, key, pid, outcome = self.results.get(timeout=1.0)
             except queue.Empty:
                 yield from self._lost(pending, running)
                 continue
@@ -160,6 +156,27 @@ class PackWorkers:
         for proc in self.procs:
             if proc.is_alive():
                 os.kill(proc.pid, signum)
+
+    @contextmanager
+    def forwarding_signals(self) -> Iterator[list[int]]:
+        """SIGTERM and SIGINT forwarded to the workers the moment they come (a pack trains on until its
+        worker hears), and listed in the block's value for the sweep's own end. Only the main thread
+        may set handlers, so elsewhere signals act as usual."""
+        received: list[int] = []
+        if threading.current_thread() is not threading.main_thread():
+            yield received
+            return
+
+        def forward(signum: int, frame: object) -> None:
+            received.append(signum)
+            self.stop(signum)
+
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield received
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
     def __exit__(self, *exc: object) -> None:
         for proc in self.procs:

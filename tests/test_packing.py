@@ -223,7 +223,10 @@ def test_a_killed_packed_sweep_resumes_packed_or_alone_to_the_same_numbers(tmp_p
     result = gvae_train([*SWEEP, steps, launcher, f"hydra.sweep.dir={straight}"], tmp_path)
     assert result.returncode == 0, result.stdout[-2000:]
     sweep = tmp_path / "sweep"
-    args = [*SWEEP, steps, launcher, "train.ckpt_every=100000", f"hydra.sweep.dir={sweep}"]
+    # Logged every step (no figure changes), which slows this tiny model's steps enough that a pack
+    # seen training is still training when the forwarded signal reaches it.
+    args = [*SWEEP, steps, launcher, "train.ckpt_every=100000", "train.log_every=1",
+            f"hydra.sweep.dir={sweep}"]
     proc = gvae_train(args, tmp_path, wait=False)
     logs, deadline = [sweep / str(i) / "train.log" for i in range(0, 4, 4 // workers)], time.monotonic() + 200
     while not all(log.is_file() and "val nelbo" in log.read_text() for log in logs):  # every pack trains

@@ -178,7 +178,6 @@ def train_in_workers(packs: "list[list[tuple[Job, JobReturn]]]", workers: int) -
     to the workers (the packs in training checkpoint), then every job not finished fails with it
     and the sweep stops."""
     from gvae.pack_workers import PackTask, PackWorkers
-    from gvae.trainer import deferred_signals
 
     count = min(workers, len(packs))
     threads = max(1, torch.get_num_threads() // count)
@@ -187,8 +186,8 @@ def train_in_workers(packs: "list[list[tuple[Job, JobReturn]]]", workers: int) -
                       [job.out_dir / f"{job.log_name}.log" for job, _ in pack])
              for k, pack in enumerate(packs)]
     stopped: BaseException | None = None
-    with deferred_signals() as received, PackWorkers(count, threads) as pool:
-        for key, outcome in pool.train(tasks, received):
+    with PackWorkers(count, threads) as pool, pool.forwarding_signals() as received:
+        for key, outcome in pool.train(tasks):
             record_pack(packs[key], outcome)
             if isinstance(outcome, (Interrupted, Stopped)):
                 stopped = stopped or outcome
