@@ -23,7 +23,6 @@ import pickle
 import queue
 import signal
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gvae.errors import GvaeError, Stopped
-from gvae.run_folder import LOG_FORMAT, logging_to, signals_raise_stopped
+from gvae.run_folder import LOG_FORMAT, handling_signals, logging_to, signals_raise_stopped
 
 log = logging.getLogger(__name__)
 
@@ -160,23 +159,15 @@ class PackWorkers:
     @contextmanager
     def forwarding_signals(self) -> Iterator[list[int]]:
         """SIGTERM and SIGINT forwarded to the workers the moment they come (a pack trains on until its
-        worker hears), and listed in the block's value for the sweep's own end. Only the main thread
-        may set handlers, so elsewhere signals act as usual."""
+        worker hears), and listed in the block's value for the sweep's own end."""
         received: list[int] = []
-        if threading.current_thread() is not threading.main_thread():
-            yield received
-            return
 
-        def forward(signum: int, frame: object) -> None:
+        def forward(signum: int) -> None:
             received.append(signum)
             self.stop(signum)
 
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
+        with handling_signals(forward):
             yield received
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
     def __exit__(self, *exc: object) -> None:
         for proc in self.procs:

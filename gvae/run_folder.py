@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -234,23 +234,52 @@ def remove_if_empty(path: Path) -> None:
 
 
 @contextmanager
-def signals_raise_stopped() -> Iterator[None]:
-    """SIGTERM and SIGINT raise Stopped for the block, so that a signal during start-up or the final
-    evaluation still ends with the run's message and record (the training loop defers them further,
-    to checkpoint first). Only the main thread may set handlers."""
+def handling_signals(handler: Callable[[int], None]) -> Iterator[None]:
+    """Inside the block SIGTERM and SIGINT call handler(signum); the previous handlers come back
+    afterwards. Only the main thread may set handlers, so elsewhere signals act as usual."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-
-    def stop(signum: int, frame: object) -> None:
-        raise Stopped(signum)
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, lambda signum, frame: handler(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s, handler_before in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler_before is None else handler_before)
+
+
+@contextmanager
+def signals_raise_stopped() -> Iterator[None]:
+    """SIGTERM and SIGINT raise Stopped for the block, so that a signal during start-up or the final
+    evaluation still ends with the run's message and record (the training loop defers them further,
+    to checkpoint first)."""
+    def stop(signum: int) -> None:
+        raise Stopped(signum)
+
+    with handling_signals(stop):
+        yield
+
+
+def live_holder(path: Path) -> str | None:
+    """The holder's description (RunFolder.holder) when the folder's holder record names a process
+    alive on this machine, else None. Read, not locked: taking the folder's lock to test it could turn
+    away a run starting in that instant. (A process that died without removing the record and whose
+    number was reused since would count as alive.)"""
+    try:
+        info = json.loads((path / HOLDER).read_text())
+        pid, host = int(info["pid"]), info["host"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or being written
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        pass
+    return RunFolder(path).holder()
 
 
 def describe_failure(error: BaseException, out_dir: Path) -> tuple[str, str, int]:

@@ -7,9 +7,7 @@ A run folder is what `gvae-train` writes: `.hydra/config.yaml` (the run's own co
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from gvae.checkpoint import check_compatible, load_checkpoint, load_fitting
 from gvae.config import Config, config_from_dict, container, validate
 from gvae.errors import ConfigError, GvaeError
 from gvae.roles import roles
-from gvae.run_folder import HOLDER
+from gvae.run_folder import live_holder
 from gvae.tasks import Task, build_task
 
 
@@ -103,27 +101,6 @@ def run_status(run_dir: Path) -> tuple[str, str | None]:
     if metrics is None or metrics.get("status") != "complete":
         return "unfinished", "no complete metrics.json (crashed, killed or still running)"
     return "complete", None
-
-
-def live_holder(run_dir: Path) -> str | None:
-    """`process PID on HOST` when the folder's holder record (running.json) names a process alive on
-    this machine, else None. Read, not locked: taking the folder's lock to test it could turn away a
-    run starting in that instant. (A process that died without removing the record and whose number
-    was reused since would count as alive.)"""
-    try:
-        holder = read_json(run_dir / HOLDER)
-        pid, host = int(holder["pid"]), holder["host"]
-    except (RunError, TypeError, KeyError, ValueError):  # none, or being written
-        return None
-    if host != socket.gethostname():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:  # alive, another user's
-        pass
-    return f"process {pid} on {host}"
 
 
 def unfinished(run_dir: Path) -> str | None:

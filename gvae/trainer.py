@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,6 +36,7 @@ from gvae.errors import Interrupted, NonFiniteError
 from gvae.evaluation import eval_generator, evaluate, split_nelbo
 from gvae.files import write_json
 from gvae.objective import TrainStats
+from gvae.run_folder import handling_signals
 from gvae.summaries import log_config_and_hparams, log_layout
 
 log = logging.getLogger(__name__)
@@ -75,20 +75,12 @@ class Run:
 
 
 @contextmanager
-def deferred_signals(signums: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> Iterator[list[int]]:
+def deferred_signals() -> Iterator[list[int]]:
     """Inside the block SIGTERM and SIGINT only append to the yielded list, which the loop reads
-    after each step (a Python list: no device sync) to checkpoint and stop; the previous handlers
-    come back afterwards. Only the main thread may set handlers, so elsewhere signals act as usual."""
+    after each step (a Python list: no device sync) to checkpoint and stop."""
     received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
+    with handling_signals(received.append):
         yield received
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in signums}
-    try:
-        yield received
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def tensorboard_dir(out_dir: Path) -> Path:

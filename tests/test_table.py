@@ -409,7 +409,8 @@ def test_a_run_training_again_is_running_not_the_failure_it_resumed_from(tmp_pat
         host = socket.gethostname()
         holder = {"pid": sleeper.pid, "host": host, "started": "now", "command": ["gvae-train"]}
         (folder / "running.json").write_text(json.dumps(holder))
-        assert run_status(folder) == ("running", f"training now (process {sleeper.pid} on {host})")
+        holder_named = f"training now (process {sleeper.pid} on {host}, started now: gvae-train)"
+        assert run_status(folder) == ("running", holder_named)
     finally:
         sleeper.kill()
         sleeper.wait()
