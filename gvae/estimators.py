@@ -348,6 +348,9 @@ class ScoreFunction(ScoreFunctionBase):
         return value + signal * self.latent.log_prob(z, logits), value.detach()
 
 
+EXPANSION_POINTS = ("sample", "center")  # DARN's `expand_at`
+
+
 @dataclass
 class DARNConfig(ScoreFunctionOptions):
     name: str = "darn"
@@ -357,11 +360,18 @@ class DARNConfig(ScoreFunctionOptions):
     # the mean for categorical units (Gu et al. 2016); the paper does not say which its DARN used.
     # Not per run: a pack whose runs differed in it would mix null and numbers in one tensor.
     center: float | None = None
+    # Where df/dz is taken: at the sample (Gregor et al.'s expansion of f(z) - f(z with z_j at c_j)
+    # around z), or at the expansion point itself, every coordinate at c (the derivative of a
+    # deterministic pass, as MuProp takes its own at the mean code). The papers that compare DARN
+    # do not say which their implementation used. Not per run, as for `center`.
+    expand_at: str = "sample"
 
     def check(self, key: str) -> None:
         super().check(key)
         require(self.center is None or 0.0 <= self.center <= 1.0, f"{key}.center", self.center,
                 "must be in [0, 1] (or null: the centre of the latent's values)")
+        require(self.expand_at in EXPANSION_POINTS, f"{key}.expand_at", self.expand_at,
+                f"must be one of {', '.join(EXPANSION_POINTS)}")
 
 
 @register(DARNConfig)
@@ -373,7 +383,8 @@ class DARN(ScoreFunctionBase):
         L_j = df/dz_j(z) . (z_j - c_j),
     c_j = 1/2 for a binary unit (Gregor et al.) and the uniform vector 1/K for a one-hot variable
     (our generalisation; it is 1/2 per class for K = 2), or the option `center` in every
-    coordinate. Encoder gradient of variable j:
+    coordinate. With `expand_at=center` the derivative is taken at the code c instead of at z:
+    L_j = df/dz_j(c) . (z_j - c_j). Encoder gradient of variable j:
     s_j [(L_j - b_j) grad log q(z_j) + grad KL_j], with a baseline b_j and scale s_j per
     variable. There is no analytic correction, so it is exact only for f linear in z (then any
     centre gives the exact gradient); otherwise biased. Decoder gradient: grad f(z).
@@ -383,12 +394,13 @@ class DARN(ScoreFunctionBase):
 
     def forward(self, logits, tau, f):
         z = self.latent.sample(logits.detach())
-        # df/dz at the sample from a pass of its own: a compiled graph differentiated twice (with
-        # retain_graph) gave wrong decoder gradients under torch.compile.
-        probe = z.clone().requires_grad_()
+        centre = self.latent.center(logits.detach()) if self.cfg.center is None else self.cfg.center
+        # df/dz from a pass of its own: a compiled graph differentiated twice (with retain_graph)
+        # gave wrong decoder gradients under torch.compile.
+        at = z if self.cfg.expand_at == "sample" else torch.zeros_like(z) + centre
+        probe = at.clone().requires_grad_()
         (grad,) = torch.autograd.grad(f(probe).sum(), probe)
         value = f(z)
-        centre = self.latent.center(logits) if self.cfg.center is None else self.cfg.center
         signal, scale = self.centre(self.latent.per_var(grad * (z - centre)))
         self.scale_encoder_gradient(logits, scale)
         surrogate = value + (signal * self.latent.log_prob_vars(z, logits)).sum(-1)

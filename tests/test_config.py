@@ -171,6 +171,8 @@ def test_misspelt_key_in_a_config_file_fails_naming_the_key(tmp_path):
         (["train.eval_every=-10"], "train.eval_every=-10 is not allowed: must be >= 1"),
         (["estimator.name=foo"], "estimator.name='foo' is not allowed: one of ["),
         (["estimator=darn", "estimator.decay=1.5"], "estimator.decay=1.5 is not allowed: must be in [0, 1)"),
+        (["estimator=darn", "estimator.expand_at=mean"],
+         "estimator.expand_at='mean' is not allowed: must be one of sample, center"),
         (["estimator=muprop", "estimator.min_var=0"], "estimator.min_var=0.0 is not allowed: must be > 0"),
         (["optim._target_=torch.optim.Foo"], "optim._target_='torch.optim.Foo' is not allowed: a torch"),
         (["optim._target_=torch.nn.Linear"], "optim._target_='torch.nn.Linear' is not allowed: a torch"),

@@ -94,9 +94,11 @@ class Problem:
         return torch.autograd.grad(expectation, [logits, w])
 
     def estimate(
-        self, estimator: Estimator, draws: int, tau: float = 1.0
+        self, estimator: Estimator, draws: int, tau: float = 1.0, sample_call: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-draw gradients (logits, W) from one call on `draws` draws, and the codes f saw first."""
+        """Per-draw gradients (logits, W) from one call on `draws` draws, and the codes of the
+        estimator's sample: those f saw in its call number `sample_call` (the first, unless the
+        estimator probes f elsewhere before it evaluates the sample)."""
         logits = self.logits.expand(draws, *self.latent.shape).clone().requires_grad_()
         w = self.w.expand(draws, *self.w.shape).clone().requires_grad_()
         seen: list[torch.Tensor] = []
@@ -108,9 +110,10 @@ class Problem:
         surrogate, value = estimator(logits, torch.tensor(tau), f)
         self.decoder_calls = sum(len(z) for z in seen) / draws  # decoder passes of the batch
         assert value.shape == (draws,) and not value.requires_grad
-        torch.testing.assert_close(value, self.f(seen[0], w).detach())  # value is f at the sample
+        sample = seen[sample_call]
+        torch.testing.assert_close(value, self.f(sample, w).detach())  # value is f at the sample
         g_logits, g_w = torch.autograd.grad(surrogate.mean(), [logits, w])
-        return g_logits * draws, g_w * draws, seen[0]
+        return g_logits * draws, g_w * draws, sample
 
 
     def log_weight(self, z: torch.Tensor, w: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -209,37 +212,45 @@ def test_the_unbiasedness_check_detects_a_biased_estimator():
         assert_unbiased(g_logits, exact_logits)
 
 
+DARN_SAMPLE_CALL = {"sample": 0, "center": 1}  # DARN's derivative pass comes first, at the code it expands at
+
+
+@pytest.mark.parametrize("expand_at", ["sample", "center"])
 @pytest.mark.parametrize("latent", LATENTS)
-def test_darn_is_exact_in_expectation_for_a_linear_f(latent):
-    # DARN's Taylor expansion is exact when f is linear in z, so there it is unbiased (with its
-    # per-variable normalization scale, here the same for every variable, accounted for).
+def test_darn_is_exact_in_expectation_for_a_linear_f(latent, expand_at):
+    # DARN's Taylor expansion is exact when f is linear in z, wherever its derivative is taken, so
+    # there it is unbiased (with its per-variable normalization scale, here the same for every
+    # variable, accounted for).
     torch.manual_seed(2)
     problem = Problem(LATENTS[latent](), linear=True)
     exact_logits, exact_w = problem.exact()
-    estimator = make("darn", problem.latent)
+    estimator = make("darn", problem.latent, expand_at=expand_at)
     scale = fixed_normalization(estimator, baseline=0.5, var=9.0)
-    g_logits, g_w, _ = problem.estimate(estimator, DRAWS)
+    g_logits, g_w, _ = problem.estimate(estimator, DRAWS, sample_call=DARN_SAMPLE_CALL[expand_at])
     assert_unbiased(g_logits / scale, exact_logits)
     assert_unbiased(g_w, exact_w)
 
 
+@pytest.mark.parametrize("expand_at", ["sample", "center"])
 @pytest.mark.parametrize("center", [None, 0.5])
 @pytest.mark.parametrize("latent", LATENTS)
-def test_darn_backward_is_the_per_variable_taylor_learning_signal(latent, center):
+def test_darn_backward_is_the_per_variable_taylor_learning_signal(latent, center, expand_at):
     torch.manual_seed(3)
     problem = Problem(LATENTS[latent]())
-    estimator = make("darn", problem.latent, center=center)
+    estimator = make("darn", problem.latent, center=center, expand_at=expand_at)
     baseline, var = 0.3, 2.0
     scale = fixed_normalization(estimator, baseline, var)
-    g_logits, g_w, z = problem.estimate(estimator, 64)
+    g_logits, g_w, z = problem.estimate(estimator, 64, sample_call=DARN_SAMPLE_CALL[expand_at])
     # By hand: L_j = df/dz_j (z_j - c_j), c = 1/K or 1/2 by default, else the option in every
-    # coordinate; encoder gradient (L_j - b) s grad log q(z_j).
+    # coordinate, the derivative taken at z or at the code c; encoder gradient (L_j - b) s grad log q(z_j).
     lat = problem.latent
-    z_ = z.clone().requires_grad_()
-    w = problem.w.expand(len(z), *problem.w.shape).clone().requires_grad_()
-    df_dz, expected_w = torch.autograd.grad(problem.f(z_, w).sum(), [z_, w])
     logits = problem.logits.expand_as(z).clone().requires_grad_()
     c = lat.center(logits.detach()) if center is None else torch.full_like(z, center)
+    z_ = (z if expand_at == "sample" else c).clone().requires_grad_()
+    w = problem.w.expand(len(z), *problem.w.shape).clone().requires_grad_()
+    df_dz, _ = torch.autograd.grad(problem.f(z_, w).sum(), [z_, w])
+    z_ = z.clone().requires_grad_()  # the decoder's gradient: at the sample, whatever the expansion
+    _, expected_w = torch.autograd.grad(problem.f(z_, w).sum(), [z_, w])
     signal = (lat.per_var(df_dz * (z - c)) - baseline) * scale
     (expected_logits,) = torch.autograd.grad((signal * lat.log_prob_vars(z, logits)).sum(), logits)
     torch.testing.assert_close(g_logits, expected_logits)
