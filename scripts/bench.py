@@ -386,8 +386,9 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     if args.sweep:
         for r in time_sweep(args.sweep, args.steps, args.warmup, args.workers):
-            print(json.dumps({"device": name, "batch": args.batch, "torch": torch.__version__, **r}),
-                  flush=True)
+            # The overrides in the line: a bf16 line must say so (train.precision=bf16).
+            print(json.dumps({"device": name, "batch": args.batch, "torch": torch.__version__,
+                              "overrides": args.overrides, **r}), flush=True)
         return
     if args.packed:
         for r in time_packed(cfg, args.packed, args.steps, args.warmup):
