@@ -119,9 +119,7 @@ class RunFolder:
 
     def holder(self) -> str:
         try:
-            info = json.loads((self.path / HOLDER).read_text())
-            return (f"process {info['pid']} on {info['host']}, started {info['started']}: "
-                    f"{' '.join(info['command'])}")
+            return describe_holder(json.loads((self.path / HOLDER).read_text()))
         except (OSError, ValueError, KeyError, TypeError):
             return "a process that has not yet said which"
 
@@ -262,7 +260,7 @@ def signals_raise_stopped() -> Iterator[None]:
 
 
 def live_holder(path: Path) -> str | None:
-    """The holder's description (RunFolder.holder) when the folder's holder record names a process
+    """The holder's description (describe_holder) when the folder's holder record names a process
     alive on this machine, else None. Read, not locked: taking the folder's lock to test it could turn
     away a run starting in that instant. (A process that died without removing the record and whose
     number was reused since would count as alive.)"""
@@ -279,7 +277,15 @@ def live_holder(path: Path) -> str | None:
         return None
     except PermissionError:  # alive, another user's
         pass
-    return RunFolder(path).holder()
+    try:
+        return describe_holder(info)
+    except (KeyError, TypeError):
+        return f"process {pid} on {host}"
+
+
+def describe_holder(info: dict[str, Any]) -> str:
+    """A holder record (RunFolder.record writes it) in words, as busy-folder messages name it."""
+    return f"process {info['pid']} on {info['host']}, started {info['started']}: {' '.join(info['command'])}"
 
 
 def describe_failure(error: BaseException, out_dir: Path) -> tuple[str, str, int]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -396,9 +397,6 @@ def test_a_run_training_again_is_running_not_the_failure_it_resumed_from(tmp_pat
     """A folder whose holder record names a live process on this machine is "running", though the
     failed.json of the interruption it resumed from is still there; once that process is gone, the
     failed.json says what the folder holds."""
-    import socket
-    import subprocess
-
     from gvae.runs import run_status
 
     folder = tmp_path / "run"
